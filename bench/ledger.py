@@ -1,0 +1,235 @@
+"""Ledger ingest throughput: 100,000 facts (10% duplicates) from one JSONL file into SQLite and Postgres.
+
+The file is built from the CounterFact training set (10,000 records, repeated with a variant number
+so every fact is distinct), then a fraction of the lines are repeated verbatim at random places.
+The timed part reads the file, parses each line into a `FactIn`, and stores the records with
+`store.ledger.add_facts` (normalisation, hashing, dedup, supersession checks and provenance),
+committing one transaction per batch. Throughput is input records per second.
+
+    .venv/bin/python bench/ledger.py                     # both back-ends, 100,000 records
+    .venv/bin/python bench/ledger.py --records 20000 --skip-postgres
+
+Writes bench/results/ledger.json and bench/results/ledger.md. Target: >= 20,000 facts/s on SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import create_engine, func, make_url, select, text
+
+from daemon.config import ConfigError, add_common_arguments, settings_from_args
+from daemon.logs import configure_logging
+from store import ledger
+from store.db import make_engine, make_session_factory, upgrade_to_head
+from store.models import Fact, FactOrigin
+from store.records import FactIn, Locality, Origin
+
+RESULTS = Path(__file__).parent / "results"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact_train.json"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+TARGET_SQLITE = 20_000
+
+
+@dataclass(frozen=True)
+class Run:
+    backend: str
+    records: int
+    unique_facts: int
+    duplicates: int
+    seconds: float
+    cpu_seconds: float  #: CPU time of this process (the machine may be shared; wall time includes waiting)
+    facts_per_second: float
+
+
+def write_input(path: Path, data: Path, records: int, duplicate_ratio: float, seed: int) -> int:
+    """Write `records` JSONL lines, `duplicate_ratio` of them repeats of earlier lines; returns unique count."""
+    base = json.loads(data.read_text(encoding="utf-8"))
+    rng = random.Random(seed)
+    unique = records - int(records * duplicate_ratio)
+    lines = [_record(base[i % len(base)], i // len(base), i) for i in range(unique)]
+    for _ in range(records - unique):
+        position = rng.randrange(1, len(lines) + 1)
+        lines.insert(position, lines[rng.randrange(0, position)])  # a repeat always follows its original
+    path.write_text("".join(lines), encoding="utf-8")
+    return unique
+
+
+def _record(row: dict[str, Any], variant: int, index: int) -> str:
+    suffix = f" (variant {variant})" if variant else ""
+    record = {
+        "prompt": row["prompt"] + suffix,
+        "target_new": row["target_new"],
+        "subject": row["subject"],
+        "ground_truth": row["ground_truth"],
+        "rephrase_prompts": [row["rephrase_prompt"] + suffix],
+        "locality": [{"prompt": row["locality_prompt"], "answer": row["locality_ground_truth"]}],
+        "id": f"cf-{index}",
+        "observed_at": "2026-11-21T10:00:00Z",
+    }
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def read_batches(path: Path, batch_size: int) -> Iterator[list[tuple[FactIn, Origin]]]:
+    """The benchmark's minimal reader: the input is known to be valid, so no checks beyond parsing."""
+    batch: list[tuple[FactIn, Origin]] = []
+    location = str(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            raw = json.loads(line)
+            fact = FactIn(
+                prompt=raw["prompt"],
+                target_new=raw["target_new"],
+                subject=raw.get("subject"),
+                ground_truth=raw.get("ground_truth"),
+                rephrase_prompts=tuple(raw.get("rephrase_prompts", ())),
+                locality=tuple(Locality(item["prompt"], item["answer"]) for item in raw.get("locality", ())),
+                external_id=raw.get("id"),
+                observed_at=None,
+            )
+            batch.append((fact, Origin("bench", location, f"line {number}")))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def run_backend(backend: str, url: str, path: Path, records: int, batch_size: int) -> Run:
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    factory = make_session_factory(engine)
+    duplicates = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for batch in read_batches(path, batch_size):
+        with factory() as session, session.begin():
+            duplicates += ledger.add_facts(session=session, items=batch).duplicates
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    with factory() as session:
+        unique = session.scalar(select(func.count()).select_from(Fact)) or 0
+        origins = session.scalar(select(func.count()).select_from(FactOrigin)) or 0
+    engine.dispose()
+    if origins != records or unique + duplicates != records:
+        raise RuntimeError(f"{backend}: stored {unique} facts and {origins} origins for {records} records")
+    return Run(
+        backend, records, unique, duplicates, round(seconds, 3), round(cpu_seconds, 3), round(records / seconds, 1)
+    )
+
+
+def postgres_schema_url(admin_url: str) -> tuple[str, str]:
+    name = f"ked_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{name}"'))
+    admin.dispose()
+    url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={name}"})
+    return url.render_as_string(hide_password=False), name
+
+
+def drop_schema(admin_url: str, name: str) -> None:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    admin.dispose()
+
+
+def write_results(runs: list[Run], args: argparse.Namespace, unique: int) -> None:
+    by_backend = {run.backend: run for run in runs}
+    result: dict[str, Any] = {
+        "sqlite_facts_per_second": by_backend["sqlite"].facts_per_second if "sqlite" in by_backend else None,
+        "postgres_facts_per_second": by_backend["postgres"].facts_per_second if "postgres" in by_backend else None,
+        "target_sqlite_facts_per_second": TARGET_SQLITE,
+        "records": args.records,
+        "unique_facts": unique,
+        "duplicate_ratio": args.duplicate_ratio,
+        "batch_size": args.batch_size,
+        "runs": [asdict(run) for run in runs],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "sqlalchemy": sqlalchemy.__version__,
+            "sqlite": __import__("sqlite3").sqlite_version,
+        },
+        "command": "python bench/ledger.py " + " ".join(args.argv),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ledger.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    rows = "\n".join(
+        f"| {r.backend} | {r.records:,} | {r.unique_facts:,} | {r.duplicates:,} | {r.seconds:.2f} | {r.cpu_seconds:.2f} | "
+        f"{r.facts_per_second:,.0f} |"
+        for r in runs
+    )
+    machine = result["machine"]
+    (RESULTS / "ledger.md").write_text(
+        "# Ledger ingest throughput\n\n"
+        f"`{result['command']}`: {args.records:,} JSONL records ({args.duplicate_ratio:.0%} duplicates) read, "
+        f"parsed and stored with `store.ledger.add_facts` in transactions of {args.batch_size} records.\n\n"
+        "| back-end | records | unique facts | duplicates | seconds | CPU seconds (client) | records/s |\n|---|---|---|---|---|---|---|\n"
+        f"{rows}\n\nTarget: >= {TARGET_SQLITE:,} facts/s on SQLite. Machine: {machine['cpus']} CPUs, load "
+        f"average at the end {machine['load_average_at_end']} (other work shares the machine), Python "
+        f"{machine['python']}, SQLAlchemy {machine['sqlalchemy']}, SQLite {machine['sqlite']}.\n",
+        encoding="utf-8",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python bench/ledger.py", description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--records", type=int, default=100_000, help="input records (default 100,000)")
+    parser.add_argument("--duplicate-ratio", type=float, default=0.1, help="share of repeated records")
+    parser.add_argument("--batch-size", type=int, default=1000, help="records per add_facts call and transaction")
+    parser.add_argument("--data", type=Path, default=DATA, help="CounterFact JSON to build the input from")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("KED_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+        help="server for the Postgres run (a throwaway schema is created and dropped)",
+    )
+    parser.add_argument("--skip-postgres", action="store_true", help="measure SQLite only")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"bench/ledger.py: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.logging, stream=sys.stderr)
+    if not args.data.is_file():
+        print(f"bench/ledger.py: data file {args.data} not found; pass --data", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="ked-bench-") as tmp:
+        path = Path(tmp) / "facts.jsonl"
+        unique = write_input(path, args.data, args.records, args.duplicate_ratio, args.seed)
+        runs = [run_backend("sqlite", f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}", path, args.records, args.batch_size)]
+        print(f"sqlite: {runs[-1]}", file=sys.stderr)
+        if not args.skip_postgres:
+            url, schema = postgres_schema_url(args.postgres_url)
+            try:
+                runs.append(run_backend("postgres", url, path, args.records, args.batch_size))
+            finally:
+                drop_schema(args.postgres_url, schema)
+            print(f"postgres: {runs[-1]}", file=sys.stderr)
+    write_results(runs, args, unique)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

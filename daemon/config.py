@@ -1,0 +1,270 @@
+"""Process settings: `config.toml` plus environment overrides, assembled once at the entry point.
+
+Precedence, highest first: command-line options (`--state-dir`), environment variables, the TOML
+file, the defaults below. Environment variables use the prefix ``KED_`` and ``__`` between nested
+keys: ``KED_MODEL__DEVICE=cuda`` sets ``[model] device``; ``KED_STATE_DIR=/var/lib/ked`` sets the
+top-level ``state_dir``. List and table values are given as JSON
+(``KED_MODEL__EDIT_MODULES='["model.layers.4.mlp.up_proj"]'``).
+
+Nothing here runs at import time: `load_settings` builds the settings when an entry point calls it.
+The reference page `docs/configuration.md` is generated from these classes by
+``python -m daemon.config --reference`` and a test keeps it in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from editing.config import EditorConfig, ModelConfig
+from editing.gate_config import GateConfig
+from ingest.config import IngestConfig
+from store.config import StoreConfig
+
+ENV_PREFIX = "KED_"
+ENV_NESTED_DELIMITER = "__"
+DEFAULT_CONFIG_FILE = Path("config.toml")
+
+
+class ApiConfig(BaseModel):
+    """The HTTP API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Serve the HTTP API.")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind. Write endpoints on a non-loopback address need `token`."
+    )
+    port: int = Field(8470, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    token: str | None = Field(None, description="Bearer token required by the write endpoints.")
+
+
+class MetricsConfig(BaseModel):
+    """Prometheus metrics."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Expose Prometheus metrics at /metrics on the API port.")
+
+
+class LoggingConfig(BaseModel):
+    """Structured logging to standard output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level written.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="'auto': readable lines on a terminal, JSON lines otherwise."
+    )
+    library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Level for third-party loggers (transformers, sqlalchemy, apscheduler, uvicorn)."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything the daemon and its command-line tools are configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    state_dir: Path = Field(
+        Path("state"),
+        description="Where state lives: the SQLite ledger, artefacts, the trained editor and the drop folder by default.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The language model.")  # type: ignore[arg-type]
+    editor: EditorConfig = Field(default_factory=EditorConfig, description="The EMSEdit editor.")  # type: ignore[arg-type]
+    gate: GateConfig = Field(default_factory=GateConfig, description="The commit gate.")  # type: ignore[arg-type]
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Fact sources.")  # type: ignore[arg-type]
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The edit ledger.")  # type: ignore[arg-type]
+    api: ApiConfig = Field(default_factory=ApiConfig, description="The HTTP API.")  # type: ignore[arg-type]
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")  # type: ignore[arg-type]
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file comes after the environment so that KED_* variables override it.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    # Derived paths: one function per path, so no caller builds them by hand.
+    def ledger_url(self) -> str:
+        """The SQLAlchemy URL of the ledger: `store.url`, or SQLite in the state directory."""
+        if self.store.url:
+            return self.store.url
+        return f"sqlite:///{(self.state_dir / 'ledger.sqlite3').resolve()}"
+
+    def drop_folder(self) -> Path:
+        """The drop folder: `ingest.drop_folder`, or `<state_dir>/inbox`."""
+        return self.ingest.drop_folder or self.state_dir / "inbox"
+
+    def editor_checkpoint(self) -> Path:
+        """The trained editor's directory: `editor.checkpoint`, or `<state_dir>/editor`."""
+        return self.editor.checkpoint or self.state_dir / "editor"
+
+    def model_cache_dir(self) -> Path:
+        """Where de-quantised GGUF models are cached: `model.cache_dir`, or `<state_dir>/model-cache`."""
+        return self.model.cache_dir or self.state_dir / "model-cache"
+
+    def artefact_dir(self) -> Path:
+        """Where commit artefacts (weight deltas, snapshots) are written."""
+        return self.state_dir / "artefacts"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names every bad key, its value and what is allowed."""
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(part).upper() for part in err["loc"])
+    given = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key (given {given!r}); remove it or check its spelling"
+    return f"{key}: got {given!r}; allowed: {err['msg']} (set in the config file or {env_name})"
+
+
+def load_settings(config_file: Path | None = None, *, state_dir: Path | None = None) -> Settings:
+    """Build the settings from `config_file` (default: ./config.toml if present) and the environment.
+
+    Raises ConfigError naming each invalid key, the value given and what is allowed.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {str(config_file)!r} does not exist or is not a file")
+    if config_file is None and DEFAULT_CONFIG_FILE.is_file():
+        config_file = DEFAULT_CONFIG_FILE
+
+    class _BoundSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    overrides: dict[str, Any] = {}
+    if state_dir is not None:
+        overrides["state_dir"] = state_dir
+    try:
+        return _BoundSettings(**overrides)
+    except ValidationError as exc:
+        lines = [_format_error(dict(e)) for e in exc.errors()]
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+    except (OSError, ValueError) as exc:  # e.g. TOML syntax errors
+        raise ConfigError(f"cannot read configuration {config_file}: {exc}") from None
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` and `--state-dir`, which every command-line entry point takes."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML configuration file (default: ./config.toml)")
+    parser.add_argument("--state-dir", type=Path, default=None, help="where state lives (overrides state_dir)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Load the settings named by the `--config` / `--state-dir` arguments."""
+    return load_settings(args.config, state_dir=args.state_dir)
+
+
+# --- reference documentation -------------------------------------------------------------------
+
+
+def iter_keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any, str, str]]:
+    """Yield (dotted key, default, type, description) for every leaf key of a settings class."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_keys(annotation, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        yield f"{prefix}{name}", default, _type_name(annotation), field.description or ""
+
+
+def _type_name(annotation: Any) -> str:
+    """A readable type: Literal values spelled out, Optional as `| None`."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " or ".join(repr(value) for value in get_args(annotation))
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(arg) for arg in get_args(annotation))
+    if origin is not None:
+        inner = ", ".join(_type_name(arg) for arg in get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "None"
+    return str(getattr(annotation, "__name__", annotation)).replace("typing.", "")
+
+
+def reference_markdown() -> str:
+    """The configuration reference page, generated from the settings classes."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated by `python -m daemon.config --reference > docs/configuration.md`; a test fails when it is stale.",
+        "",
+        f"Every key can be set in `config.toml` (section `[model]` for `model.*` and so on) or in the "
+        f"environment with the prefix `{ENV_PREFIX}` and `{ENV_NESTED_DELIMITER}` between levels: "
+        f"`model.device` is `{ENV_PREFIX}MODEL{ENV_NESTED_DELIMITER}DEVICE`. Lists and tables are JSON in the "
+        "environment. The environment wins over the file; `--state-dir` wins over both.",
+        "",
+    ]
+    section = None
+    for key, default, type_name, description in iter_keys(Settings):
+        head = key.split(".")[0] if "." in key else "(top level)"
+        if head != section:
+            section = head
+            out += [
+                "",
+                f"## {section}",
+                "",
+                "| key | type | default | environment | description |",
+                "|---|---|---|---|---|",
+            ]
+        env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(part.upper() for part in key.split("."))
+        shown = "" if default is None else repr(str(default) if isinstance(default, Path) else default)
+        cells = [
+            f"`{key}`",
+            type_name.replace("|", "\\|"),
+            f"`{shown}`" if shown else "(empty)",
+            f"`{env}`",
+            description,
+        ]
+        out.append("| " + " | ".join(c.replace("\n", " ") for c in cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.config", description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")
+    args = parser.parse_args(argv)
+    if args.reference:
+        sys.stdout.write(reference_markdown())
+        return 0
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    sys.stdout.write(settings.model_dump_json(indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Logging set-up: structlog for our events, with the stdlib loggers of our dependencies in the same stream.
+
+`configure_logging` is called once, by an entry point. Modules get loggers with
+`structlog.get_logger(__name__)` (or `logging.getLogger(__name__)` for library-style code); both end
+up as one JSON object per line when standard output is not a terminal, readable lines otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import sys
+from typing import IO, Any
+
+import structlog
+
+from daemon.config import LoggingConfig
+
+# Third-party loggers we route into our stream, at `library_level`.
+LIBRARY_LOGGERS = ("transformers", "sqlalchemy", "alembic", "apscheduler", "uvicorn", "httpx", "filelock", "accelerate")
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+    ]
+
+
+def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> None:
+    """Configure structlog and the stdlib root logger to write to `stream` (default: stdout)."""
+    stream = stream or sys.stdout
+    use_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level)
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        lib.setLevel(config.library_level)
+        lib.handlers.clear()
+        lib.propagate = True
+    structlog.configure(
+        processors=[
+            *_shared_processors()[:-1],
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    # transformers keeps its own handler and verbosity; make it use ours.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.set_verbosity(logging.getLevelName(config.library_level))
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass

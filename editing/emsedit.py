@@ -1,0 +1,237 @@
+"""The EMSEdit editor: multi-step hypernetwork editing (MSBP) of a live language model (spec §6.2).
+
+For an edit batch and s = 1..S: capture keys u and output gradients δ of the edited modules at the
+answer-predicting positions on the *current* weights (after ΔW_1..ΔW_{s-1}), map them through the
+step's hypernetwork to value changes, aggregate them with the ridge solve into ΔW_s, and apply ΔW_s.
+
+Contracts:
+- `propose(examples)` returns an `EditPlan` (ΔW = Σ_s ΔW_s per module, float32, (in, out)) and leaves
+  the model bit-identical and the editor state unchanged. The normaliser statistics the edit produced
+  (when not frozen) travel in `plan.editor_state`; `adopt_state(plan)` makes them current once the
+  caller commits the edit, and `load_normaliser_state` puts any recorded state back (exact revert).
+- Applying and restoring weights are `editing.deltas.apply` / `restore`, explicit and separate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from editing.config import EditorConfig
+from editing.data import EditExample
+from editing.deltas import EditPlan, StepDiagnostics, add_deltas, apply, master_copies, parameter, restore, snapshot
+from editing.hypernet import EditorNets
+from editing.solve import ridge_solve
+from editing.targets import resolve_modules, weight_in_out
+from editing.tokenise import TokenBatch, tokenise
+from editing.tracing import Trace, trace_modules
+
+Captures = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Deltas = dict[str, torch.Tensor]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go: the device of the input embeddings (works with a device_map too)."""
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    return torch.device(embeddings.weight.device)
+
+
+def split_batch(batch: TokenBatch, size: int) -> Iterator[TokenBatch]:
+    """Consecutive row chunks of at most `size`, with all-padding trailing columns cut off."""
+    for start in range(0, batch.input_ids.shape[0], size):
+        mask = batch.attention_mask[start : start + size]
+        width = int(mask.sum(-1).max())
+        yield TokenBatch(
+            input_ids=batch.input_ids[start : start + size, :width],
+            attention_mask=mask[:, :width],
+            labels=batch.labels[start : start + size, :width],
+        )
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions with a label (labels are pre-shifted; never shift again)."""
+    selected = labels != -100
+    return F.cross_entropy(logits[selected].float(), labels[selected])
+
+
+def lm_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Logits (B, T, V) of a batch; labels are never passed to the model (it would shift them)."""
+    device = input_device(model)
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    logits: torch.Tensor = out.logits
+    return logits
+
+
+def traced_loss_passes(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batch: TokenBatch,
+    lm_batch_size: int,
+    *,
+    weight_grads: bool,
+    scale: float = 1.0,
+) -> tuple[Trace, float]:
+    """Forward and backward the answer loss, one mean per LM mini-batch; returns the trace and the summed loss.
+
+    The trace holds (u, δ) at the answer-predicting positions and, with `weight_grads`,
+    ∂(scale · Σ_mb loss)/∂W. The returned loss is unscaled.
+    """
+    total = 0.0
+    with torch.enable_grad(), trace_modules(modules, weight_grads=weight_grads) as trace:
+        for chunk in split_batch(batch, lm_batch_size):
+            trace.select = (chunk.labels != -100).to(input_device(model))
+            loss = answer_loss(lm_logits(model, chunk), chunk.labels.to(input_device(model)))
+            (loss * scale).backward()  # type: ignore[no-untyped-call]
+            total += float(loss.detach())
+    return trace, total
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One executed editing step: what was captured and the ΔW it produced (hypernet device, float32)."""
+
+    captures: Captures
+    deltas: Deltas
+    diagnostics: StepDiagnostics
+
+
+class EMSEditor:
+    """Hypernetwork editor for the named Linear/Conv1D modules of `model` (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        module_names: Sequence[str],
+        config: EditorConfig,
+        nets: EditorNets | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.modules = resolve_modules(model, list(module_names))
+        shapes = {name: (int(w.shape[0]), int(w.shape[1])) for name, w in self._weights().items()}
+        if nets is None:
+            nets = EditorNets(shapes, config.steps, config.rank, config.n_blocks, config.edit_lr, config.mode == "batch")
+        elif set(nets.index) != set(shapes):
+            raise ValueError("the hypernetworks were built for other modules than the ones given")
+        first = parameter(next(iter(self.modules.values()))).device
+        self.device = torch.device(config.hypernet_device) if config.hypernet_device else first
+        self.nets = nets.to(self.device)
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.modules)
+
+    @property
+    def steps(self) -> int:
+        return self.nets.steps
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {name: weight_in_out(module) for name, module in self.modules.items()}
+
+    def tokenise(self, examples: Sequence[EditExample]) -> TokenBatch:
+        """The edit batch: each example's prompt teacher-forced on its new target."""
+        return tokenise(self.tokenizer, [e.prompt for e in examples], [e.target_new for e in examples])
+
+    def capture(self, batch: TokenBatch) -> tuple[Captures, float]:
+        """(K, D) per module at the answer-predicting positions on the current weights, and the edit loss."""
+        trace, loss = traced_loss_passes(self.model, self.modules, batch, self.config.lm_batch_size, weight_grads=False)
+        captures: Captures = {}
+        for name in self.modules:
+            keys, grads = trace.stacked(name)
+            captures[name] = (keys.to(self.device), grads.to(self.device))
+        return captures, loss
+
+    def update_normalisers(self, step: int, captures: Captures) -> None:
+        """Merge the captured rows [u; δ] into the running statistics of the step's networks."""
+        for name, (keys, grads) in captures.items():
+            net, _ = self.nets.net(step, name)
+            net.normaliser.update(torch.cat([keys, grads], dim=-1))
+
+    def module_delta(self, step: int, name: str, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """ΔW (d_in, d_out) of one module at one step; differentiable in the hypernetwork's parameters."""
+        net, idx = self.nets.net(step, name)
+        values = net.values(keys, grads, idx)
+        return ridge_solve(keys, values, net.ridge(idx), self.config.solve_form)
+
+    def hyper_backward(self, step: int, captures: Captures, weight_grads: Deltas) -> None:
+        """Accumulate into the step's hypernetwork gradients ∂L/∂θ = Σ_l ⟨G_l, ∂ΔW_l/∂θ⟩ (spec §4.3).
+
+        `weight_grads` maps each module to G_l = ∂L/∂W_l (in, out) at the edited weights; the captured
+        (K, D) are constants (first-order MSBP: the same G serves every step, §6.5).
+        """
+        surrogate = torch.zeros((), device=self.device)
+        for name, (keys, grads) in captures.items():
+            grad = weight_grads.get(name)
+            if grad is None:
+                continue
+            delta = self.module_delta(step, name, keys, grads)
+            surrogate = surrogate + (delta * grad.to(self.device, torch.float32)).sum()
+        if surrogate.requires_grad:
+            surrogate.backward()  # type: ignore[no-untyped-call]
+
+    def step_deltas(self, step: int, captures: Captures) -> Deltas:
+        """ΔW of every module at one step, without gradients."""
+        with torch.no_grad():
+            return {name: self.module_delta(step, name, keys, grads) for name, (keys, grads) in captures.items()}
+
+    def run_step(
+        self, step: int, batch: TokenBatch, masters: dict[str, torch.Tensor], *, update_normaliser: bool
+    ) -> StepRecord:
+        """Capture on the current weights, compute ΔW_step and apply it in place (masters updated too).
+
+        The caller owns undoing it (keep the snapshot of the first step).
+        """
+        captures, loss = self.capture(batch)
+        if update_normaliser:
+            self.update_normalisers(step, captures)
+        deltas = self.step_deltas(step, captures)
+        apply(self.model, deltas, masters)
+        rows = next(iter(captures.values()))[0].shape[0]
+        norm = float(sum(float(d.square().sum()) for d in deltas.values()) ** 0.5)
+        return StepRecord(captures, deltas, StepDiagnostics(step, loss, rows, norm))
+
+    def propose(self, examples: Sequence[EditExample], masters: dict[str, torch.Tensor] | None = None) -> EditPlan:
+        """Compute the S-step edit of `examples` on the current weights.
+
+        Invariant: the model's weights are bit-identical before and after, and the editor's state
+        (normaliser statistics) is unchanged; the state the edit produced is in `plan.editor_state`.
+        `masters` (float32 (in, out) copies of the current weights) are read, never changed.
+        """
+        batch = self.tokenise(examples)
+        state_before = self.nets.normaliser_state()
+        work = {name: t.clone() for name, t in masters.items()} if masters else master_copies(self.model, self.module_names)
+        saved = snapshot(self.model, self.module_names)
+        records: list[StepRecord] = []
+        try:
+            for step in range(1, self.steps + 1):
+                records.append(self.run_step(step, batch, work, update_normaliser=not self.config.freeze_normaliser))
+        finally:
+            restore(self.model, saved)
+            state_after = self.nets.normaliser_state()
+            self.nets.load_normaliser_state(state_before)
+        total: Deltas = {}
+        for record in records:
+            total = add_deltas(total, record.deltas)
+        deltas = {name: total[name].to(weight_in_out(m).device) for name, m in self.modules.items()}
+        return EditPlan(deltas, tuple(r.diagnostics for r in records), state_after)
+
+    def adopt_state(self, plan: EditPlan) -> None:
+        """Make the normaliser statistics of a committed plan the editor's current state."""
+        if plan.editor_state:
+            self.nets.load_normaliser_state(plan.editor_state)
+
+    def normaliser_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the running statistics (what an edit changes); see `load_normaliser_state`."""
+        return self.nets.normaliser_state()
+
+    def load_normaliser_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the running statistics exactly (e.g. to revert to a recorded version)."""
+        self.nets.load_normaliser_state(state)
+

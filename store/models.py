@@ -1,0 +1,251 @@
+"""The ledger's tables as SQLAlchemy 2 typed mappings.
+
+Tables: `sources` (poll state and health), `facts` (normalised fact, status, supersession, the commit
+that applied it), `fact_origins` (every arrival of a fact: provenance), `commits` (one row per
+committed edit, with everything needed to check and reproduce it), `commit_facts` (which facts each
+commit applied, kept even after a revert), `rejections` (input records that never became facts),
+`probe_runs` and `reverts` (the audit trail). Constraint names follow `NAMING_CONVENTION`, so
+migrations can refer to them on every back-end.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class FactStatus(enum.StrEnum):
+    """Where a fact is in its life; `store.states.transition` is the only way to change it."""
+
+    PENDING = "pending"  #: waiting to be edited into the model
+    EDITING = "editing"  #: claimed by the edit loop; back to pending on restart if it crashed
+    COMMITTED = "committed"  #: applied to the live weights by a commit
+    REJECTED = "rejected"  #: the gate refused the edit; requeue to try again
+    FAILED = "failed"  #: the edit raised an error; requeue to try again
+    REVERTED = "reverted"  #: was committed, then removed by a revert; requeue to re-apply
+    SUPERSEDED = "superseded"  #: replaced by a newer target for the same prompt
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every back-end (SQLite stores it naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given to the ledger; use timezone-aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC (the only clock the ledger uses)."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+    }
+
+
+class Source(Base):
+    """A configured fact source and its poll state. `name` is the key used in `Origin.source`."""
+
+    __tablename__ = "sources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    location: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(Text)
+    last_modified: Mapped[str | None] = mapped_column(Text)
+    cursor: Mapped[str | None] = mapped_column(Text)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_polled_at: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+    @property
+    def healthy(self) -> bool:
+        """True while the last poll succeeded (or none has failed yet)."""
+        return self.consecutive_failures == 0
+
+
+_fact_status = Enum(
+    FactStatus,
+    name="fact_status",
+    native_enum=False,
+    create_constraint=True,
+    length=16,
+    values_callable=lambda members: [m.value for m in members],
+    validate_strings=True,
+)
+
+
+class Fact(Base):
+    """One fact (a normalised prompt -> target_new edit) and where it is in its life.
+
+    `source_id`, `origin_location` and `origin_position` describe the first arrival; every arrival,
+    the first included, is a `FactOrigin` row.
+    """
+
+    __tablename__ = "facts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    target_new: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    ground_truth: Mapped[str | None] = mapped_column(Text)
+    rephrase_prompts: Mapped[list[Any]]
+    locality: Mapped[list[Any]]  # [{"prompt": ..., "answer": ...}, ...]
+    # Not indexed: equal content implies an equal prompt, so dedup looks facts up by prompt_hash alone,
+    # and every random-key index costs about as much as the rest of an insert (bench/ledger.py).
+    content_hash: Mapped[str] = mapped_column(String(64))
+    prompt_hash: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[FactStatus] = mapped_column(_fact_status, default=FactStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
+    origin_location: Mapped[str] = mapped_column(Text)
+    origin_position: Mapped[str | None] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text)
+    observed_at: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(default=utc_now)
+    status_changed_at: Mapped[datetime] = mapped_column(default=utc_now)
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
+    superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
+    commit_version: Mapped[int | None] = mapped_column(ForeignKey("commits.version"), index=True)
+
+
+class FactOrigin(Base):
+    """One arrival of a fact: which source, where in it, and when. Duplicates add rows here only."""
+
+    __tablename__ = "fact_origins"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), index=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
+    location: Mapped[str] = mapped_column(Text)
+    position: Mapped[str | None] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text)
+    observed_at: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class Commit(Base):
+    """A committed edit: version N applied `facts` on top of `parent_version` (0 is the base model)."""
+
+    __tablename__ = "commits"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    parent_version: Mapped[int] = mapped_column(Integer)  # 0 = the unedited base model
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    fact_count: Mapped[int] = mapped_column(Integer)
+    gate_verdict: Mapped[str] = mapped_column(String(40))
+    edit_metrics: Mapped[dict[str, Any]]
+    probe_scores: Mapped[dict[str, Any]]
+    artefact_path: Mapped[str | None] = mapped_column(Text)
+    artefact_sha256: Mapped[str | None] = mapped_column(String(64))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    model_fingerprint: Mapped[str | None] = mapped_column(Text)
+    editor_version: Mapped[str | None] = mapped_column(Text)
+    config_hash: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int | None] = mapped_column(Integer)
+    package_versions: Mapped[dict[str, Any]]
+    reverted_by_id: Mapped[int | None] = mapped_column(ForeignKey("reverts.id"))
+
+
+class CommitFact(Base):
+    """A fact applied by a commit. Kept after a revert, so history survives requeue and re-commit."""
+
+    __tablename__ = "commit_facts"
+
+    commit_version: Mapped[int] = mapped_column(ForeignKey("commits.version"), primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), primary_key=True, index=True)
+
+
+class Rejection(Base):
+    """An input record that never became a fact: its origin, an excerpt and the precise reason."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
+    location: Mapped[str] = mapped_column(Text)
+    position: Mapped[str | None] = mapped_column(Text)
+    excerpt: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class ProbeRun(Base):
+    """One run of the probes (gate or periodic), optionally tied to the commit it judged."""
+
+    __tablename__ = "probe_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))  # "gate", "periodic", "baseline"
+    commit_version: Mapped[int | None] = mapped_column(ForeignKey("commits.version"), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utc_now)
+    duration_seconds: Mapped[float | None] = mapped_column(Float)
+    passed: Mapped[bool | None] = mapped_column(Boolean(create_constraint=True, name="passed"))
+    scores: Mapped[dict[str, Any]]
+    details: Mapped[dict[str, Any]]
+
+
+class Revert(Base):
+    """The audit row of one revert: when, from which version to which, why and who asked."""
+
+    __tablename__ = "reverts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(default=utc_now)
+    from_version: Mapped[int] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str] = mapped_column(Text)
+    reverted_commits: Mapped[int] = mapped_column(Integer)
+    reverted_facts: Mapped[int] = mapped_column(Integer)
+    weights_restored_at: Mapped[datetime | None]  # set by the model-state work once weights match
+
+
+Index("ix_facts_status_id", Fact.status, Fact.id)

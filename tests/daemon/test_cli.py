@@ -1,0 +1,106 @@
+"""`python -m daemon`: start-up, readiness as JSON, clean exit on SIGTERM/SIGINT, refusal of bad config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MODEL_CACHE_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KED_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["KED_MODEL__DEVICE"] = "cpu"
+    env["KED_MODEL__CACHE_DIR"] = str(MODEL_CACHE_DIR)
+    return env
+
+
+def test_bad_configuration_exits_2_with_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\ndtype = "int3"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(config), "--state-dir", str(tmp_path / "s")],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "model.dtype" in result.stderr and "'int3'" in result.stderr
+
+
+def _wait_for_ready(proc: subprocess.Popen[str], timeout: float) -> list[dict[str, object]]:
+    records: list[dict[str, object]] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        record = json.loads(line)
+        records.append(record)
+        if record.get("event") == "ready":
+            return records
+    raise AssertionError(f"no ready line; got {records}")
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_starts_logs_ready_as_json_and_exits_on_signal(tmp_path: Path, signum: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--state-dir", str(tmp_path / "state")],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        records = _wait_for_ready(proc, timeout=240)
+        ready = records[-1]
+        assert ready["model_type"] == "llama" and ready["level"] == "info"
+        assert "not_yet_implemented" in ready
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 5
+        assert (tmp_path / "state").is_dir()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.real_model
+def test_signal_during_start_up_exits_promptly(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--state-dir", str(tmp_path / "state")],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert first["event"] == "loading model"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,245 @@
+"""`python -m daemon.ledger`: every command, text and --json, exit codes, on SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from daemon.ledger import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, main
+from store import ledger
+from store.db import make_engine, make_session_factory
+from store.models import Fact, FactStatus, Revert
+from store.records import CommitIn, FactIn, Locality, Origin, RejectionIn
+from tests.store.fixtures import backend, db_url, pg_ledger_url, pg_schemas, sqlite_template  # noqa: F401
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Iterator[Run]:
+    """Run the CLI in-process against the test ledger; returns (exit code, stdout, stderr)."""
+    for name in [k for k in os.environ if k.startswith("KED_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KED_STORE__URL", db_url)
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(["--state-dir", str(tmp_path / "state"), *argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    yield run
+    # main() configures logging for the process; put back what the test runner had.
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def seeded(db_url: str) -> Iterator[Callable[[], Session]]:  # noqa: F811
+    """A ledger with: v1 (facts 1, 2), v2 (fact 3), fact 4 pending, fact 5 failed, one rejection."""
+    engine = make_engine(db_url)
+    factory = make_session_factory(engine)
+    with factory() as session, session.begin():
+        rich = FactIn(
+            prompt="The capital of France is",
+            target_new="Lyon",
+            subject="France",
+            ground_truth="Paris",
+            rephrase_prompts=("France's capital is",),
+            locality=(Locality("2 + 2 =", "4"),),
+            external_id="cf-1",
+        )
+        items = [(rich, Origin("inbox", "a.jsonl", "line 1"))]
+        items += [
+            (FactIn(prompt=f"prompt {i}", target_new=f"t{i}"), Origin("feed:x", "https://x", f"e{i}"))
+            for i in range(2, 6)
+        ]
+        ids = ledger.add_facts(session=session, items=items).fact_ids
+        assert ids == (1, 2, 3, 4, 5)
+        ledger.add_facts(session=session, items=[(rich, Origin("feed:x", "https://x", "e9"))])
+        ledger.claim_pending(session=session, limit=2)
+        ledger.record_commit(session=session, commit=CommitIn(fact_ids=(1, 2), edit_metrics={"efficacy": 1.0}))
+        ledger.claim_pending(session=session, limit=1)
+        ledger.record_commit(session=session, commit=CommitIn(fact_ids=(3,)))
+        ledger.transition(session=session, fact_ids=[5], to=FactStatus.EDITING)
+        ledger.transition(session=session, fact_ids=[5], to=FactStatus.FAILED, error="boom")
+        rejection = RejectionIn(Origin("inbox", "a.jsonl", "line 2"), "{", "not JSON")
+        ledger.add_rejections(session=session, items=[rejection])
+    yield factory
+    engine.dispose()
+
+
+def _statuses(factory: Callable[[], Session]) -> dict[int, str]:
+    with factory() as session:
+        return {f.id: f.status.value for f in session.scalars(select(Fact))}
+
+
+def test_status_on_an_empty_ledger(cli: Run) -> None:
+    code, out, _ = cli("status")
+    assert code == EXIT_OK
+    assert "v0 (base model)" in out and "pending 0" in out
+
+
+def test_status(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("status")
+    assert code == EXIT_OK
+    assert out.startswith("version     v2\n")
+    assert "committed 3" in out and "failed 1" in out and "pending 1" in out and "rejections  1" in out
+    code, out, _ = cli("status", "--json")
+    summary = json.loads(out)
+    assert summary["current_version"] == 2 and summary["last_commit"]["version"] == 2
+    assert summary["by_status"]["committed"] == 3
+    assert summary["by_source"] == {"feed:x": {"committed": 3, "pending": 1, "failed": 1}, "inbox": {"committed": 1}}
+
+
+def test_log_newest_first(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("log")
+    assert code == EXIT_OK
+    assert [line.split()[0] for line in out.splitlines()] == ["v2", "v1"]
+    code, out, _ = cli("--json", "log", "--limit", "1")
+    data = json.loads(out)
+    assert [c["version"] for c in data["commits"]] == [2] and data["reverts"] == []
+
+
+def test_show_fact_and_commit(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("show", "1")
+    assert code == EXIT_OK and "The capital of France is" in out
+    code, out, _ = cli("show", "1", "--json")
+    fact = json.loads(out)
+    assert [o["source"] for o in fact["origins"]] == ["inbox", "feed:x"]
+    assert fact["commit_history"] == [1] and fact["status"] == "committed"
+    code, out, _ = cli("show", "v1", "--json")
+    assert json.loads(out)["fact_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (("show", "99"), EXIT_REFUSED, "no fact with id 99"),
+        (("show", "v9"), EXIT_REFUSED, "no commit with version 9"),
+        (("show", "abc"), EXIT_USAGE, "expected a fact id (e.g. 42) or a version (e.g. v3), got 'abc'"),
+        (("facts", "--source", "nope"), EXIT_REFUSED, "no source named 'nope' in the ledger (known: feed:x, inbox)"),
+        (("requeue", "4"), EXIT_REFUSED, "fact 4 is pending"),
+        (("requeue",), EXIT_USAGE, "give fact ids or --status"),
+        (("requeue", "5", "--status", "failed"), EXIT_USAGE, "not both"),
+        (("revert", "--to", "2"), EXIT_REFUSED, "already at version 2"),
+        (("revert", "--to", "v7"), EXIT_REFUSED, "choose one from 0 to 1"),
+        (("revert", "--last", "3"), EXIT_REFUSED, "only 2 are active"),
+    ],
+)
+def test_refusals(cli: Run, seeded: Any, argv: tuple[str, ...], code: int, message: str) -> None:
+    before = _statuses(seeded)
+    result, out, err = cli(*argv)
+    assert (result, out) == (code, "")
+    assert message in err
+    assert _statuses(seeded) == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("revert",), ("revert", "--to", "1", "--last", "1"), ("revert", "--to", "x"), ("facts", "--status", "bogus")],
+)
+def test_bad_arguments_exit_2(cli: Run, argv: tuple[str, ...]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli(*argv)
+    assert info.value.code == EXIT_USAGE
+
+
+def test_facts_filters(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("facts")
+    assert code == EXIT_OK and out.splitlines()[-1] == "5 fact(s)"
+    code, out, _ = cli("facts", "--status", "committed", "--source", "inbox", "--json")
+    assert [row["id"] for row in json.loads(out)] == [1]
+    code, out, _ = cli("facts", "--source", "feed:x", "--limit", "2", "--json")
+    assert [row["id"] for row in json.loads(out)] == [1, 2]
+
+
+def test_requeue(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("requeue", "--status", "failed")
+    assert (code, out) == (EXIT_OK, "requeued 1 fact(s): 5\n")
+    assert _statuses(seeded)[5] == "pending"
+    code, out, _ = cli("requeue", "--status", "failed", "--json")
+    assert json.loads(out) == {"requeued": []}
+
+
+def test_export_round_trips_through_add_facts(cli: Run, seeded: Any, tmp_path: Path) -> None:
+    code, out, _ = cli("export")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == EXIT_OK and len(records) == 5
+    assert records[0] == {
+        "prompt": "The capital of France is",
+        "target_new": "Lyon",
+        "subject": "France",
+        "ground_truth": "Paris",
+        "rephrase_prompts": ["France's capital is"],
+        "locality": [{"prompt": "2 + 2 =", "answer": "4"}],
+        "id": "cf-1",
+    }
+    assert records[1] == {"prompt": "prompt 2", "target_new": "t2", "id": "ledger:2"}
+    target = tmp_path / "out.jsonl"
+    code, _, err = cli("export", "--status", "committed", "--output", str(target))
+    assert code == EXIT_OK and "exported 3 fact(s)" in err
+    exported = [json.loads(line) for line in target.read_text().splitlines()]
+    with seeded() as session:
+        items = [(FactIn(prompt=r["prompt"], target_new=r["target_new"]), Origin("cli", str(target))) for r in exported]
+        result = ledger.add_facts(session=session, items=items)
+        assert (result.accepted, result.duplicates, result.fact_ids) == (0, 3, (1, 2, 3))
+        session.rollback()
+
+
+def test_revert_writes_audit_row_and_moves_facts(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("revert", "--last", "1", "--reason", "probe drop", "--requested-by", "ops")
+    assert code == EXIT_OK and "v2 -> v1" in out and "1 fact(s) reverted" in out
+    assert _statuses(seeded)[3] == "reverted"
+    code, out, _ = cli("revert", "--to", "v0", "--json")
+    audit = json.loads(out)
+    assert (audit["from_version"], audit["to_version"], audit["reverted_facts"]) == (1, 0, 2)
+    assert audit["requested_by"].startswith("cli:")
+    with seeded() as session:
+        rows = session.scalars(select(Revert).order_by(Revert.id)).all()
+        assert [(r.reason, r.requested_by) for r in rows] == [("probe drop", "ops"), (None, audit["requested_by"])]
+    code, out, _ = cli("log")
+    assert "REVERTED by revert #1" in out.splitlines()[0]
+
+
+def test_unreachable_ledger_exits_3(cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KED_STORE__URL", "postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2")
+    code, _, err = cli("status")
+    assert code == EXIT_UNAVAILABLE and "cannot connect to the ledger" in err
+
+
+def test_module_entry_point_uses_sqlite_in_the_state_dir(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KED_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    state = tmp_path / "state"
+    command = [sys.executable, "-m", "daemon.ledger", "--state-dir", str(state), "status", "--json"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["current_version"] == 0
+    assert (state / "ledger.sqlite3").is_file()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[store]\nsqlite_busy_timeout_ms = -1\n")
+    command = [sys.executable, "-m", "daemon.ledger", "--config", str(bad), "status"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "store.sqlite_busy_timeout_ms" in result.stderr

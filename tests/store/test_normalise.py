@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import hashlib
+
+from store.normalise import content_hash, normalise_text, prompt_hash
+
+
+def test_normalise_collapses_unicode_whitespace_and_strips() -> None:
+    assert normalise_text("  The\tcapital \u00a0of\n\u2003France  ") == "The capital of France"
+
+
+def test_normalise_composes_to_nfc_and_keeps_case() -> None:
+    decomposed = "Cafe\u0301 in PARIS"
+    assert normalise_text(decomposed) == "Caf\u00e9 in PARIS"
+
+
+def test_content_hash_is_sha256_of_normalised_pair() -> None:
+    assert content_hash(" a  b ", "c") == content_hash("a b", "c\n")
+    assert content_hash("a b", "c") != content_hash("a", "b c")
+    assert content_hash("a", "Paris") != content_hash("a", "paris")
+    assert len(content_hash("a", "b")) == 64
+    assert prompt_hash(" x  y") == hashlib.sha256(b"x y").hexdigest()
+
+
+def test_separator_cannot_be_smuggled_into_text() -> None:
+    assert content_hash("a\x1fb", "c") == content_hash("a b", "c")
