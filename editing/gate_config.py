@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: The GLUE-style tasks scored by default (the sets of the AlphaEdit/RLEdit/EMSEdit side evaluation).
 DEFAULT_PROBE_TASKS = ("sst2", "mrpc", "rte", "cola", "nli", "mmlu")
+#: Every task `editing.probe_sets` can format (the defaults plus two extra sets of the same origin).
+KNOWN_PROBE_TASKS = (*DEFAULT_PROBE_TASKS, "sentiment_analysis", "dialogue")
 
 
 class GateConfig(BaseModel):
@@ -64,9 +66,7 @@ class GateConfig(BaseModel):
     max_isolation_edits: int = Field(
         48, ge=1, le=10000, description="Most re-edits one batch may spend on isolation and re-checks."
     )
-    batch_size: int = Field(
-        16, ge=1, le=1024, description="Prompts per forward pass when the gate scores the model."
-    )
+    batch_size: int = Field(16, ge=1, le=1024, description="Prompts per forward pass when the gate scores the model.")
 
     # --- periodic probes --------------------------------------------------------------------------
     probe_data: Path | None = Field(
@@ -85,9 +85,7 @@ class GateConfig(BaseModel):
         min_length=1,
         description="Probe tasks to score: sst2, mrpc, rte, cola, nli, mmlu, sentiment_analysis, dialogue.",
     )
-    probe_items: int = Field(
-        48, ge=1, le=100000, description="Items scored per task (drawn once, with `probe_seed`)."
-    )
+    probe_items: int = Field(48, ge=1, le=100000, description="Items scored per task (drawn once, with `probe_seed`).")
     few_shot: int = Field(2, ge=0, le=16, description="Solved examples put before each probe question.")
     probe_seed: int = Field(0, description="Seed for drawing probe items and few-shot examples.")
     probe_every_commits: int = Field(
@@ -116,3 +114,13 @@ class GateConfig(BaseModel):
         description="What the daemon does when drift passes a threshold: 'pause' editing, or 'revert' to the "
         "last version whose probes passed.",
     )
+
+    @field_validator("probe_tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in KNOWN_PROBE_TASKS]
+        if unknown:
+            raise ValueError(f"unknown probe task(s) {unknown}; known: {', '.join(KNOWN_PROBE_TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("probe tasks must not repeat")
+        return tasks

@@ -43,15 +43,20 @@ class LoadedModel:
 
     @property
     def model_type(self) -> str:
-        return str(self.model.config.model_type)  # type: ignore[union-attr]
+        return str(model_config(self.model).model_type)
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)  # type: ignore[union-attr]
+        return int(model_config(self.model).num_hidden_layers)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def model_config(model: nn.Module) -> Any:
+    """The transformers configuration object of a loaded model."""
+    return model.config
 
 
 def default_gguf_path() -> Path:
@@ -139,8 +144,7 @@ def _save_dequantised(model: nn.Module, folder: Path) -> None:
     """
     from safetensors.torch import save_model
 
-    config = model.config  # type: ignore[union-attr]
-    as_dict = config.to_dict()
+    as_dict = model_config(model).to_dict()
     as_dict.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(as_dict, indent=2, sort_keys=True, default=str))
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -154,7 +158,11 @@ def load_model(config: ModelConfig, *, cache_dir: Path | None = None) -> LoadedM
     edited weights itself.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Route transformers' messages through the stdlib root logger (and so into our log stream).
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
     source, gguf_file = _source_and_file(config)
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if config.revision:

@@ -13,6 +13,7 @@ Rows are sorted by length before batching so that padding stays small; results c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from editing.metrics import token_accuracy
 from editing.tokenise import IGNORE_INDEX, encode_pair, pad_id
 
 
@@ -66,20 +68,48 @@ def left_pad(rows: Sequence[list[int]], labels: Sequence[list[int]], pad: int) -
     return ScoringBatch(input_ids, attention_mask, position_ids, targets)
 
 
-def tail_logits(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
-    """(B, K, V) float32 logits of the last K positions, K = batch.labels.shape[1]. No gradients."""
+def tail_logits(model: nn.Module, batch: ScoringBatch, prefix: PrefixCache | None = None) -> torch.Tensor:
+    """(B, K, V) float32 logits of the last K positions, K = batch.labels.shape[1]. No gradients.
+
+    With `prefix`, every row continues the cached prefix (the rows' own padding sits between the two,
+    masked, and their positions start where the prefix ends).
+    """
     device = model_device(model)
     keep = int(batch.labels.shape[1])
+    attention_mask, position_ids, past = batch.attention_mask, batch.position_ids, None
+    if prefix is not None:
+        rows = int(batch.input_ids.shape[0])
+        attention_mask = torch.cat([torch.ones(rows, prefix.length, dtype=torch.long), attention_mask], dim=1)
+        position_ids = position_ids + prefix.length
+        past = copy.deepcopy(prefix.cache)  # the forward pass appends to the cache it is given
+        past.batch_repeat_interleave(rows)
     with torch.no_grad():
         out = model(
             input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            past_key_values=past,
             logits_to_keep=keep,
-            use_cache=False,
+            use_cache=past is not None,
         )
     logits: torch.Tensor = out.logits[:, -keep:].float()
     return logits
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """The key/value cache of a text shared by many rows (e.g. few-shot examples), computed once."""
+
+    length: int
+    cache: Any
+
+    @classmethod
+    def build(cls, model: nn.Module, tokenizer: Any, prefix: str) -> PrefixCache:
+        """Run `prefix` (with the tokenizer's special tokens) once and keep its cache."""
+        ids = _prompt_ids(tokenizer, prefix)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=True)
+        return cls(len(ids), out.past_key_values)
 
 
 def _chunks(order: list[int], size: int) -> list[list[int]]:
@@ -87,15 +117,23 @@ def _chunks(order: list[int], size: int) -> list[list[int]]:
 
 
 def next_token_logprobs(
-    model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int, prefix: str = ""
 ) -> torch.Tensor:
-    """(N, V) float32 log-probabilities of the token after each prompt, on the CPU, in input order."""
-    rows = [_prompt_ids(tokenizer, p) for p in prompts]
+    """(N, V) float32 log-probabilities of the token after each prompt, on the CPU, in input order.
+
+    A non-empty `prefix` is shared by every prompt: it is tokenised (with special tokens) and run once,
+    and each prompt (without special tokens) continues it, so the prefix costs one pass, not N.
+    """
+    cache = PrefixCache.build(model, tokenizer, prefix) if prefix else None
+    rows = [
+        [int(i) for i in tokenizer(p, add_special_tokens=False)["input_ids"]] if prefix else _prompt_ids(tokenizer, p)
+        for p in prompts
+    ]
     out: list[torch.Tensor | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for chunk in _chunks(order, batch_size):
         batch = left_pad([rows[i] for i in chunk], [[IGNORE_INDEX]] * len(chunk), pad_id(tokenizer))
-        logprobs = torch.log_softmax(tail_logits(model, batch)[:, -1], dim=-1).cpu()
+        logprobs = torch.log_softmax(tail_logits(model, batch, cache)[:, -1], dim=-1).cpu()
         for j, i in enumerate(chunk):
             out[i] = logprobs[j]
     if not rows:
@@ -120,7 +158,6 @@ def answer_scores(
         scored = batch.labels != IGNORE_INDEX  # (B, K)
         safe = batch.labels.clamp(min=0)
         token_lp = logprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * scored
-        hits = (logprobs.argmax(-1) == batch.labels) & scored
         loglik[chunk] = token_lp.sum(-1)
-        accuracy[chunk] = hits.sum(-1).float() / scored.sum(-1).float()
+        accuracy[chunk] = token_accuracy(logprobs, batch.labels).float()
     return AnswerScores(loglik, accuracy)

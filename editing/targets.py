@@ -53,11 +53,9 @@ TARGETS: tuple[TargetEntry, ...] = (
     TargetEntry(
         "llama",
         30,
-        (
-            TargetRule("model.layers.{}.mlp.gate_proj", _span(10, 14)),
-            TargetRule("model.layers.{}.mlp.up_proj", _span(17, 22)),
-        ),
-        "SmolLM2-135M: the Llama-3 choice at the same relative depth; see bench/results/module_choice.md",
+        (TargetRule("model.layers.{}.mlp.up_proj", _span(20, 25)),),
+        "SmolLM2-135M: up_proj of layers 20-25 beat the Llama-3 choice at the same relative depth (gate 10-14 + "
+        "up 17-22) and down_proj 12-17 in efficacy, generalisation and retention; see bench/results/module_choice.md",
     ),
     TargetEntry(
         "gpt2",

@@ -49,7 +49,7 @@ def _rows(tensor: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
     """(B, T, d) -> (N, d) float32 rows at the selected positions (all positions without a mask)."""
     if select is None:
         return tensor.detach().reshape(-1, tensor.shape[-1]).float()
-    return tensor.detach()[select].float()
+    return tensor.detach()[select.to(tensor.device)].float()  # modules may sit on several devices (device_map)
 
 
 def _make_hook(name: str, trace: Trace) -> Any:

@@ -197,7 +197,8 @@ class IngestConfig(BaseModel):
     )
     settle_seconds: float = Field(
         2.0, ge=0, le=3600,
-        description="A drop-folder file is read only once its size and mtime have not changed for this long.",
+        description="A drop-folder file is read once two consecutive scans saw the same size and mtime and the "
+        "mtime is at least this old (docs/ingest.md, completeness rule).",
     )
     commit_every: int = Field(
         2000, ge=1, le=1_000_000, description="Records written to the ledger per transaction."
@@ -214,9 +215,21 @@ class IngestConfig(BaseModel):
     )
     limits: IngestLimits = Field(default_factory=IngestLimits, description="Input limits.")  # type: ignore[arg-type]
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP client.")  # type: ignore[arg-type]
-    jsonl: tuple[JsonlSource, ...] = Field((), description="JSONL files or URLs read incrementally.")
-    feeds: tuple[FeedSource, ...] = Field((), description="RSS 2.0 / Atom feeds.")
-    web: tuple[WebJsonSource, ...] = Field((), description="Web JSON endpoints.")
+    jsonl: tuple[JsonlSource, ...] = Field(
+        (),
+        description="JSONL files or URLs read incrementally: [[ingest.jsonl]] tables with name, location, "
+        "interval_seconds, enabled (docs/ingest.md).",
+    )
+    feeds: tuple[FeedSource, ...] = Field(
+        (),
+        description="RSS 2.0 / Atom feeds: [[ingest.feeds]] tables with name, url, interval_seconds, enabled and "
+        "mapping = {mode = 'json'} or {mode = 'title_regex', pattern, prompt_template} (docs/ingest.md).",
+    )
+    web: tuple[WebJsonSource, ...] = Field(
+        (),
+        description="Web JSON endpoints returning [...] or {\"facts\": [...]}: [[ingest.web]] tables with name, url, "
+        "interval_seconds, enabled (docs/ingest.md).",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> IngestConfig:

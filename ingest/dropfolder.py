@@ -100,7 +100,14 @@ class DropFolder:
     def scan(self) -> list[FileResult]:
         """One poll: process every complete file now in the folder, oldest first."""
         self.prepare()
-        return [self.process(name) for name in self.complete_files()]
+        results = []
+        for name in self.complete_files():
+            try:
+                results.append(self.process(name))
+            except FileNotFoundError:
+                # Removed or renamed by someone else meanwhile; what was committed before stays recorded.
+                logger.warning("drop folder: %s disappeared while being processed; skipped", name)
+        return results
 
     def complete_files(self) -> list[str]:
         """Names of the entries that are ready (see the module docstring), by mtime then name."""
@@ -128,10 +135,16 @@ class DropFolder:
         if os.sep in name or name in ("", ".", ".."):
             raise UnsafePath(f"{name!r} is not a plain file name inside the drop folder")
         path = self.folder / name
+        before = _signature(path)
         data, problem = self._read(path)
         digest = _identity(path, data)
         self.on_step("read")
         records, tally = self._record(digest, self._outcomes(name, path, data, problem))
+        if _signature(path) != before:
+            # Still being written despite the completeness rule: keep it, so the new content is read too.
+            logger.warning("drop folder: %s changed while it was read; it stays and is read again "
+                           "(write under a temporary name and rename when done)", name)
+            return FileResult(name, path, tally, None)
         usable = tally.accepted + tally.duplicates > 0
         destination = self._destination(REJECTED if not usable else PROCESSED, name)
         report = self._write_report(name, destination, digest, records, tally) if tally.rejections else None
@@ -254,6 +267,11 @@ class DropFolder:
         temporary.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(temporary, report)
         return report
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _identity(path: Path, data: bytes) -> str:

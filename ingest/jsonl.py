@@ -48,18 +48,17 @@ def take_lines(data: bytes, max_records: int, *, complete_only: bool) -> bytes:
     return data[:pos]
 
 
-def _read_path(path: Path, cursor: dict[str, Any], max_bytes: int) -> tuple[bytes, int, int, bool]:
-    """(new bytes, their offset, first line number, whether the file was restarted from the start)."""
+def _read_path(path: Path, cursor: dict[str, Any], max_bytes: int) -> tuple[bytes, int, int]:
+    """(new bytes, their offset, their first line number); from the start if the file was replaced."""
     try:
         with path.open("rb") as handle:
             head = handle.read(PREFIX_BYTES)
             offset, line = int(cursor.get("offset", 0)), int(cursor.get("line", 1))
             size = path.stat().st_size
-            restarted = offset > size or (offset > 0 and _prefix_hash(head, offset) != cursor.get("prefix"))
-            if restarted:
-                offset, line = 0, 1
+            if offset > size or (offset > 0 and _prefix_hash(head, offset) != cursor.get("prefix")):
+                offset, line = 0, 1  # truncated, rotated or replaced
             handle.seek(offset)
-            return handle.read(max_bytes), offset, line, restarted
+            return handle.read(max_bytes), offset, line
     except OSError as exc:
         raise FetchError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -79,7 +78,7 @@ def poll(source: JsonlSource, config: IngestConfig, session_factory: sessionmake
     if source.is_url():
         return _poll_url(source, config, session_factory, state)
     path = Path(source.location)
-    data, offset, line, _ = _read_path(path, state.cursor, config.limits.max_fetch_bytes)
+    data, offset, line = _read_path(path, state.cursor, config.limits.max_fetch_bytes)
     chunk = _chunk(data, 0, config, complete_only=True)
     if not chunk:
         return commit_poll(session_factory, state, [], cursor=None)

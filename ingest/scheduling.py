@@ -34,6 +34,7 @@ from ingest import jsonl, rss, web
 from ingest.config import IngestConfig
 from ingest.dropfolder import DropFolder
 from ingest.polling import Poll, ledger_name
+from ingest.recording import Tally
 from store import ledger
 from store.models import Source
 
@@ -125,7 +126,7 @@ class SourceJob:
 
 def _drop_folder_poll(folder: DropFolder) -> Poll:
     results = folder.scan()
-    tally = Poll().tally
+    tally = Tally()
     for result in results:
         tally.add(result.tally)
     return Poll(tally=tally)

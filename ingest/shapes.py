@@ -158,17 +158,18 @@ def _rome(record: dict[str, Any]) -> Canonical:
         "target_new": _text_of(rewrite, "target_new", "requested_rewrite"),
     }
     names = {"target_new": "requested_rewrite.target_new.str", "ground_truth": "requested_rewrite.target_true.str",
-             "subject": "requested_rewrite.subject", "rephrase_prompts": "paraphrase_prompts",
+             "subject": "requested_rewrite.subject", "prompt": "requested_rewrite.prompt", "rephrase_prompts": "paraphrase_prompts",
              "locality": "neighborhood_prompts", "id": "case_id" if "case_id" in record else "id"}
     if "target_true" in rewrite:
         out["ground_truth"] = _text_of(rewrite, "target_true", "requested_rewrite")
     if "paraphrase_prompts" in record:
         out["rephrase_prompts"] = _as_list(record["paraphrase_prompts"])
     neighbours = _as_list(record.get("neighborhood_prompts", []))
-    if neighbours and "ground_truth" in out:
+    if not isinstance(neighbours, list):
+        out["locality"] = neighbours  # validation names the wrong type
+    elif neighbours and "ground_truth" in out:
         # Neighbourhood prompts should still produce the true target after the edit.
-        out["locality"] = _pairs(neighbours, [out["ground_truth"]] * len(neighbours)) if isinstance(
-            neighbours, list) else neighbours
+        out["locality"] = _pairs(neighbours, [out["ground_truth"]] * len(neighbours))
     _passthrough(record, out)
     return Canonical("rome", out, names)
 

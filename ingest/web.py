@@ -49,6 +49,7 @@ def poll(source: WebJsonSource, config: IngestConfig, session_factory: sessionma
                                        excerpt=safe_excerpt(response.body), reason=failure)]
     todo = outcomes[done : done + config.limits.max_facts_per_poll]
     finished = done + len(todo) >= len(outcomes)
-    validators = (response.etag, response.last_modified) if finished else (None, None)
+    # Validators only once the body is fully stored, and never for a bad body (it must keep failing).
+    validators = (response.etag, response.last_modified) if finished and failure is None else (None, None)
     cursor = {"digest": digest, "done": done + len(todo)}
     return commit_poll(session_factory, state, todo, cursor=cursor, validators=validators, failure=failure)

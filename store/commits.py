@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
+from store.db import serialise_writers
 from store.errors import LedgerError, UnknownVersion
-from store.models import Commit, CommitFact, Fact, FactStatus, ProbeRun, Revert
+from store.models import Commit, CommitFact, Fact, FactStatus, ProbeRun, Revert, utc_now
 from store.records import CommitIn
 from store.states import chunks, transition
 
@@ -42,6 +43,7 @@ def record_commit(*, session: Session, commit: CommitIn) -> Commit:
     ids = list(dict.fromkeys(commit.fact_ids))
     if not ids:
         raise LedgerError("a commit needs at least one fact")
+    serialise_writers(session)  # versions are max + 1: no two writers may pick one at once
     parent = current_version(session)
     version = (session.scalar(select(func.max(Commit.version))) or 0) + 1
     row = Commit(
@@ -116,6 +118,7 @@ def revert_to(*, session: Session, to_version: int, reason: str | None, requeste
     `committed` again, because the restored weights contain them. Raises UnknownVersion when
     `to_version` is not on the active chain or is the current version.
     """
+    serialise_writers(session)
     current = current_version(session)
     _check_target(session, to_version, current)
     reverted = [v for v in active_versions(session) if v > to_version]
@@ -189,3 +192,18 @@ def revert_last(*, session: Session, count: int, reason: str | None, requested_b
         raise UnknownVersion(f"cannot revert the last {count} commits: only {len(chain)} are active")
     target = [*chain, 0][count]
     return revert_to(session=session, to_version=target, reason=reason, requested_by=requested_by)
+
+
+def unapplied_reverts(session: Session) -> list[Revert]:
+    """Reverts whose weights have not been restored yet, oldest first (the daemon applies these)."""
+    return list(session.scalars(select(Revert).where(Revert.weights_restored_at.is_(None)).order_by(Revert.id)))
+
+
+def mark_revert_applied(*, session: Session, revert_id: int) -> Revert:
+    """Record that the live weights now match the revert's target version. Raises LedgerError."""
+    audit = session.get(Revert, revert_id)
+    if audit is None:
+        raise LedgerError(f"no revert #{revert_id} in the ledger")
+    if audit.weights_restored_at is None:
+        audit.weights_restored_at = utc_now()
+    return audit

@@ -20,3 +20,26 @@ class StoreConfig(BaseModel):
     sqlite_busy_timeout_ms: int = Field(
         30000, ge=0, le=600000, description="SQLite busy timeout: how long a writer waits for the lock."
     )
+    sqlite_cache_mb: int = Field(
+        64,
+        ge=2,
+        le=4096,
+        description="SQLite page cache per connection, in MiB; ingest slows down once the indexes outgrow it.",
+    )
+    snapshot_every: int = Field(
+        25,
+        ge=0,
+        le=100000,
+        description=(
+            "Consolidate the cumulative edited weights into a snapshot after this many commits of the active "
+            "chain (0: never). Start-up and reverts replay at most this many commits after a snapshot."
+        ),
+    )
+    retention_commits: int | None = Field(
+        200,
+        ge=1,
+        description=(
+            "Retention horizon: keep at least the newest this many commits revertable and delete older "
+            "artefacts (a revert beyond the horizon is refused). Empty keeps every artefact."
+        ),
+    )

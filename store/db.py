@@ -3,7 +3,7 @@
 SQLite (the default, a file in the state directory) runs in WAL mode with a busy timeout, foreign
 keys on, and every transaction started with ``BEGIN IMMEDIATE``: a writer takes the write lock when
 its transaction starts, so two processes never deadlock on a read-to-write upgrade; they wait up to
-the busy timeout instead. Postgres is used as is (READ COMMITTED); the ledger functions take row or
+the busy timeout instead. Sessions from `make_read_session_factory` begin deferred and never wait. Postgres is used as is (READ COMMITTED); the ledger functions take row or
 advisory locks where they need them.
 """
 
@@ -16,18 +16,22 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.errors import LedgerUnavailable
 
+#: Execution option that marks a connection as a reader (see make_read_session_factory).
+READ_ONLY_OPTION = "ledger_read_only"
 # Arbitrary constant shared by every process that migrates or adds facts on one Postgres database.
 PG_LEDGER_LOCK_KEY = 0x6B65645F6C656467  # "ked_ledg"
 
 
-def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30000) -> Engine:
-    """An engine for `url`; for SQLite with WAL, `sqlite_busy_timeout_ms` and immediate transactions.
+def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30000, sqlite_cache_mb: int = 64) -> Engine:
+    """An engine for `url`; for SQLite with WAL, `sqlite_busy_timeout_ms`, a page cache of
+    `sqlite_cache_mb` per connection, and immediate transactions.
 
     Raises LedgerUnavailable for a URL SQLAlchemy cannot parse or whose driver is missing.
     """
@@ -43,11 +47,11 @@ def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30000) -> Engine:
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed, connect_args={"timeout": sqlite_busy_timeout_ms / 1000})
-    _configure_sqlite(engine, sqlite_busy_timeout_ms)
+    _configure_sqlite(engine, sqlite_busy_timeout_ms, sqlite_cache_mb)
     return engine
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int, cache_mb: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module so that the "begin" hook decides.
@@ -56,6 +60,8 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # The default 2 MB cache thrashes on the hash indexes once the ledger holds ~50,000 facts.
+        cursor.execute(f"PRAGMA cache_size=-{int(cache_mb) * 1024}")
         # NORMAL is durable across application crashes in WAL mode; only an OS crash can lose the
         # last transactions (https://www.sqlite.org/pragma.html#pragma_synchronous).
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -63,12 +69,34 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (make_read_session_factory) start deferred: in WAL mode they never wait for a writer.
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
+
+
+def serialise_writers(session: Session) -> None:
+    """Make this transaction the only ledger writer of its kind until it ends.
+
+    SQLite needs nothing: its immediate transactions already hold the database's write lock. On
+    Postgres this takes a transaction-level advisory lock, released at commit or rollback.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LEDGER_LOCK_KEY})
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions bound to `engine`; objects stay readable after commit (no reload on attribute access)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reading only (status pages, the API's GETs, the CLI's queries).
+
+    On SQLite their transactions begin deferred, so they read a consistent snapshot without waiting
+    for a writer (WAL mode), and a writer never waits for them; a write through such a session may
+    fail with "database is locked". On Postgres they are ordinary sessions.
+    """
+    return sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -88,6 +116,9 @@ def upgrade_to_head(engine: Engine) -> None:
     Postgres with a transaction-level advisory lock. Raises LedgerUnavailable when the database
     cannot be reached.
     """
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if current_revision(engine) == head:
+        return  # checked as a reader: a ledger already at head is opened without the write lock
     _run_migration(engine, "upgrade", "head")
 
 
@@ -98,7 +129,7 @@ def downgrade_to(engine: Engine, revision: str) -> None:
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision stamped in the database, or None for an empty database."""
-    with _connect(engine) as connection:
+    with _connect(engine.execution_options(**{READ_ONLY_OPTION: True})) as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 

@@ -23,15 +23,23 @@ from datetime import datetime
 from types import EllipsisType
 from typing import Any
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from store.bulk import insert_rows
-from store.commits import current_version, record_commit, record_probe_run, revert_last, revert_to
-from store.db import PG_LEDGER_LOCK_KEY
-from store.errors import InvalidFact, UnknownSource
+from store.bulk import bind_processor, insert_tuples, json_list_text, json_string, select_in, update_column
+from store.commits import (
+    current_version,
+    mark_revert_applied,
+    record_commit,
+    record_probe_run,
+    revert_last,
+    revert_to,
+    unapplied_reverts,
+)
+from store.db import serialise_writers
+from store.errors import InvalidFact, LedgerError, UnknownSource
 from store.models import Base, Fact, FactStatus, Rejection, Source, utc_now
-from store.normalise import hash_normalised_pair, hash_normalised_prompt, normalise_text
+from store.normalise import hash_normalised, normalise_text
 from store.queries import (
     commit_detail,
     export_facts,
@@ -42,7 +50,7 @@ from store.queries import (
     status_summary,
 )
 from store.records import AddResult, FactIn, Origin, RejectionIn
-from store.states import chunks, transition
+from store.states import transition
 from store.work import claim_pending, requeue, reset_stuck_editing
 
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "get_source",
     "list_commits",
     "list_reverts",
+    "mark_revert_applied",
     "record_commit",
     "record_probe_run",
     "requeue",
@@ -66,11 +75,14 @@ __all__ = [
     "revert_to",
     "status_summary",
     "transition",
+    "unapplied_reverts",
     "update_source_poll_state",
 ]
 
 #: Sources first seen in an `Origin` rather than through `ensure_source` get this kind.
 ADHOC_SOURCE_KIND = "adhoc"
+#: Column sizes of sources.name and sources.kind (store/models.py).
+MAX_SOURCE_NAME, MAX_SOURCE_KIND = 200, 40
 #: Longest excerpt stored for a rejection; ingest sends about 500 characters.
 MAX_EXCERPT_CHARS = 2000
 _LIVE = (FactStatus.PENDING, FactStatus.EDITING, FactStatus.COMMITTED)
@@ -85,6 +97,7 @@ def ensure_source(*, session: Session, name: str, kind: str, location: str) -> S
     A changed location resets the poll state (ETag, Last-Modified, cursor), which belonged to the
     old location.
     """
+    _check_source_fields(name, kind)
     source = get_source(session=session, name=name)
     if source is None:
         source = Source(name=name, kind=kind, location=location, consecutive_failures=0)
@@ -95,6 +108,13 @@ def ensure_source(*, session: Session, name: str, kind: str, location: str) -> S
         source.etag = source.last_modified = source.cursor = None
     source.kind, source.location = kind, location
     return source
+
+
+def _check_source_fields(name: str, kind: str) -> None:
+    if not name.strip() or len(name) > MAX_SOURCE_NAME:
+        raise LedgerError(f"source name {name!r} must be 1 to {MAX_SOURCE_NAME} characters")
+    if not kind.strip() or len(kind) > MAX_SOURCE_KIND:
+        raise LedgerError(f"source kind {kind!r} (source {name!r}) must be 1 to {MAX_SOURCE_KIND} characters")
 
 
 def get_source(*, session: Session, name: str) -> Source | None:
@@ -157,26 +177,57 @@ def add_rejections(*, session: Session, items: Sequence[RejectionIn]) -> int:
     return len(rows)
 
 
+# One normalised record, as add_facts works on it: prompt, target_new, subject, ground_truth,
+# rephrase_prompts and locality (JSON text, as stored), content hash, prompt hash.
+_Prepared = tuple[str, str, str | None, str | None, str, str, str, str]
+#: Columns of the facts insert, in the order add_facts builds its tuples (see _insert_new).
+_FACT_COLUMNS = (
+    "prompt",
+    "target_new",
+    "subject",
+    "ground_truth",
+    "rephrase_prompts",
+    "locality",
+    "content_hash",
+    "prompt_hash",
+    "id",
+    "supersedes_id",
+    "source_id",
+    "origin_location",
+    "origin_position",
+    "external_id",
+    "observed_at",
+    "status",
+    "attempts",
+    "received_at",
+    "status_changed_at",
+)
+_ORIGIN_COLUMNS = ("fact_id", "source_id", "location", "position", "external_id", "observed_at", "received_at")
+
+
 @dataclass
 class _Plan:
-    """add_facts works out the whole batch in memory first; keys < 0 stand for facts not inserted yet."""
+    """add_facts works out the whole batch in memory first; keys < 0 stand for facts not inserted yet.
+
+    New fact -k is record `new_rows[k - 1]` of the batch.
+    """
 
     status: dict[int, FactStatus] = field(default_factory=dict)
     hash_of: dict[int, str] = field(default_factory=dict)
     by_hash: dict[str, int] = field(default_factory=dict)  # content hash -> its non-superseded fact
     by_prompt: dict[str, list[int]] = field(default_factory=dict)  # prompt hash -> live facts, oldest first
-    new_rows: list[dict[str, Any]] = field(default_factory=list)
+    new_rows: list[int] = field(default_factory=list)
     new_supersedes: dict[int, int] = field(default_factory=dict)
     superseded_by: dict[int, int] = field(default_factory=dict)
     keys: list[int] = field(default_factory=list)
 
-    def add_new(self, row: dict[str, Any]) -> int:
+    def add_new(self, index: int, chash: str, phash: str) -> int:
         key = -(len(self.new_rows) + 1)
-        self.new_rows.append(row)
+        self.new_rows.append(index)
         self.status[key] = FactStatus.PENDING
-        self.hash_of[key] = row["content_hash"]
-        self.by_hash[row["content_hash"]] = key
-        earlier = self.by_prompt.setdefault(row["prompt_hash"], [])
+        self.hash_of[key] = chash
+        self.by_hash[chash] = key
+        earlier = self.by_prompt.setdefault(phash, [])
         if earlier:
             self.new_supersedes[key] = earlier[-1]
         earlier.append(key)
@@ -194,6 +245,21 @@ class _Plan:
                 kept.append(other)
         self.by_prompt[phash] = kept
 
+    def place(self, prepared: Sequence[_Prepared]) -> int:
+        """Map every record, in input order, to a fact (existing or new); returns the duplicate count."""
+        duplicates = 0
+        for index, record in enumerate(prepared):
+            chash, phash = record[6], record[7]
+            key = self.by_hash.get(chash)
+            if key is None:
+                key = self.add_new(index, chash, phash)
+            else:
+                duplicates += 1
+            if self.status[key] in _LIVE:
+                self.supersede_others(key, phash)
+            self.keys.append(key)
+        return duplicates
+
 
 def add_facts(*, session: Session, items: Sequence[tuple[FactIn, Origin]]) -> AddResult:
     """Store facts with their provenance, deduplicating and superseding as the module docstring says.
@@ -204,32 +270,16 @@ def add_facts(*, session: Session, items: Sequence[tuple[FactIn, Origin]]) -> Ad
     if not items:
         return AddResult(accepted=0, duplicates=0, superseded=0, fact_ids=())
     now = utc_now()
-    rows = [_fact_row(fact, origin) for fact, origin in items]
-    if session.get_bind().dialect.name == "postgresql":
-        # Serialise adders, as SQLite's immediate transactions do, so dedup sees every earlier batch.
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LEDGER_LOCK_KEY})
+    prepared = [_prepare(fact, origin) for fact, origin in items]
+    serialise_writers(session)  # so that dedup sees every earlier batch, on Postgres too
     source_ids = _source_ids(session, [origin for _, origin in items])
-    for row, (_, origin) in zip(rows, items, strict=True):
-        row["source_id"] = source_ids[origin.source]
     plan = _Plan()
-    _load_existing(session, plan, rows)
-    duplicates = 0
-    for row in rows:
-        key = plan.by_hash.get(row["content_hash"])
-        if key is None:
-            key = plan.add_new(row)
-        else:
-            duplicates += 1
-        if plan.status[key] in _LIVE:
-            plan.supersede_others(key, row["prompt_hash"])
-        plan.keys.append(key)
-    ids = _insert_new(session, plan, now)
-    _insert_origins(session, plan, rows, ids, now)
-    by_newer: dict[int, list[int]] = {}
-    for older, newer in plan.superseded_by.items():
-        by_newer.setdefault(ids.get(newer, newer), []).append(ids.get(older, older))
-    for newer, olders in by_newer.items():
-        transition(session=session, fact_ids=olders, to=FactStatus.SUPERSEDED, superseded_by=newer)
+    _load_existing(session, plan, list({record[7] for record in prepared}))
+    duplicates = plan.place(prepared)
+    shared = _Shared(session, items, source_ids, now)
+    ids = _insert_new(session, plan, prepared, shared)
+    _insert_origins(session, plan, ids, shared)
+    _supersede(session, {ids.get(older, older): ids.get(newer, newer) for older, newer in plan.superseded_by.items()})
     return AddResult(
         accepted=len(plan.new_rows),
         duplicates=duplicates,
@@ -238,29 +288,78 @@ def add_facts(*, session: Session, items: Sequence[tuple[FactIn, Origin]]) -> Ad
     )
 
 
-def _fact_row(fact: FactIn, origin: Origin) -> dict[str, Any]:
-    prompt, target = normalise_text(fact.prompt), normalise_text(fact.target_new)
+def _supersede(session: Session, newer_of: dict[int, int]) -> None:
+    """Move each fact `older` of `newer_of` to superseded, with `superseded_by_id = newer_of[older]`.
+
+    The status change is one `transition` call (row locks, the legality check, status_changed_at):
+    it takes a single `superseded_by`, and one call per newer fact costs about a millisecond (a
+    SELECT and an UPDATE) for what is typically one fact each. So every fact gets the first newer
+    fact's id there, and the facts superseded by another one get their own id in one executemany
+    right after, in the same transaction (transition has expired any of them loaded in the session).
+    """
+    if not newer_of:
+        return
+    first = next(iter(newer_of.values()))
+    transition(session=session, fact_ids=list(newer_of), to=FactStatus.SUPERSEDED, superseded_by=first)
+    others = [(newer, older) for older, newer in newer_of.items() if newer != first]
+    update_column(session, FACTS, "superseded_by_id", "id", others)
+
+
+def _prepare(fact: FactIn, origin: Origin) -> _Prepared:
+    """The normalised record (see `_Prepared`); raises InvalidFact as add_facts says."""
+    norm = normalise_text
+    prompt, target = norm(fact.prompt), norm(fact.target_new)
     if not prompt or not target:
         field_name = "prompt" if not prompt else "target_new"
         raise InvalidFact(f"{_where(origin)}: {field_name} is empty after whitespace normalisation")
     if fact.observed_at is not None and fact.observed_at.tzinfo is None:
         raise InvalidFact(f"{_where(origin)}: observed_at {fact.observed_at.isoformat()} has no time zone; give UTC")
-    return {
-        "prompt": prompt,
-        "target_new": target,
-        "subject": normalise_text(fact.subject) or None if fact.subject is not None else None,
-        "ground_truth": normalise_text(fact.ground_truth) or None if fact.ground_truth is not None else None,
-        "rephrase_prompts": [t for t in map(normalise_text, fact.rephrase_prompts) if t],
-        "locality": [
-            {"prompt": normalise_text(loc.prompt), "answer": normalise_text(loc.answer)} for loc in fact.locality
-        ],
-        "content_hash": hash_normalised_pair(prompt, target),
-        "prompt_hash": hash_normalised_prompt(prompt),
-        "external_id": fact.external_id,
-        "observed_at": fact.observed_at,
-        "origin_location": origin.location,
-        "origin_position": origin.position,
-    }
+    # The JSON columns are built as text here, exactly as json.dumps writes the lists (store.bulk).
+    locality = ", ".join(
+        '{"prompt": ' + json_string(norm(item.prompt)) + ', "answer": ' + json_string(norm(item.answer)) + "}"
+        for item in fact.locality
+    )
+    return (
+        prompt,
+        target,
+        # `and ... or None`: None stays None, and text that normalises to "" becomes None.
+        (fact.subject and norm(fact.subject)) or None,
+        (fact.ground_truth and norm(fact.ground_truth)) or None,
+        json_list_text([text for text in map(norm, fact.rephrase_prompts) if text]),
+        "[" + locality + "]",
+        *hash_normalised(prompt, target),
+    )
+
+
+class _Shared:
+    """Per-record origin values in driver form, shared by the facts and fact_origins inserts."""
+
+    def __init__(
+        self, session: Session, items: Sequence[tuple[FactIn, Origin]], source_ids: dict[str, int], now: datetime
+    ) -> None:
+        to_driver = bind_processor(session, FACTS, "observed_at") or (lambda value: value)
+        converted: dict[datetime, Any] = {}  # equal instants give equal stored values; convert each once
+        self.origins: list[tuple[Any, ...]] = []
+        for fact, origin in items:
+            observed = fact.observed_at
+            if observed is not None and observed not in converted:
+                converted[observed] = to_driver(observed)
+            self.origins.append(
+                (
+                    source_ids[origin.source],
+                    origin.location,
+                    origin.position,
+                    fact.external_id,
+                    None if observed is None else converted[observed],
+                )
+            )
+        self.now = _to_driver(session, FACTS, "received_at", now)
+        self.pending = _to_driver(session, FACTS, "status", FactStatus.PENDING)
+
+
+def _to_driver(session: Session, table: Table, name: str, value: Any) -> Any:
+    process = bind_processor(session, table, name)
+    return process(value) if process else value
 
 
 def _where(origin: Origin) -> str:
@@ -279,16 +378,14 @@ def _source_ids(session: Session, origins: Iterable[Origin]) -> dict[str, int]:
     return found
 
 
-def _load_existing(session: Session, plan: _Plan, rows: list[dict[str, Any]]) -> None:
+def _load_existing(session: Session, plan: _Plan, prompts: list[str]) -> None:
     # Equal content implies an equal prompt, so one lookup by prompt hash finds both the facts a
     # record may duplicate and the pending facts it may supersede.
-    prompts = list({row["prompt_hash"] for row in rows})
-    found: list[tuple[int, str, str, FactStatus]] = []
-    columns = (Fact.id, Fact.content_hash, Fact.prompt_hash, Fact.status)
-    for part in chunks(prompts):
-        query = select(*columns).where(Fact.prompt_hash.in_(part), Fact.status != FactStatus.SUPERSEDED)
-        found.extend((fid, chash, phash, status) for fid, chash, phash, status in session.execute(query))
-    for fid, chash, phash, status in sorted(found):
+    found = select_in(session, FACTS, ("id", "content_hash", "prompt_hash", "status"), "prompt_hash", prompts)
+    for fid, chash, phash, status_text in sorted(found):
+        status = FactStatus(status_text)
+        if status is FactStatus.SUPERSEDED:
+            continue
         plan.status[fid], plan.hash_of[fid] = status, chash
         current = plan.by_hash.get(chash)
         # Several non-superseded facts can share a hash after a revert; prefer a live one, then the newest.
@@ -308,33 +405,23 @@ def _allocate_ids(session: Session, count: int) -> list[int]:
     return list(range(start, start + count))
 
 
-def _insert_new(session: Session, plan: _Plan, now: datetime) -> dict[int, int]:
+def _insert_new(session: Session, plan: _Plan, prepared: Sequence[_Prepared], shared: _Shared) -> dict[int, int]:
     """Insert the planned new facts; returns placeholder key -> real id."""
     if not plan.new_rows:
         return {}
     new_ids = _allocate_ids(session, len(plan.new_rows))
-    ids = {-(index + 1): fid for index, fid in enumerate(new_ids)}
-    for index, row in enumerate(plan.new_rows):
-        earlier = plan.new_supersedes.get(-(index + 1))
-        row["id"] = new_ids[index]
-        row["supersedes_id"] = ids.get(earlier, earlier) if earlier is not None else None
-    shared = {"status": FactStatus.PENDING, "attempts": 0, "received_at": now, "status_changed_at": now}
-    insert_rows(session, FACTS, plan.new_rows, shared)
+    ids = {-(number + 1): fid for number, fid in enumerate(new_ids)}
+    tail = (shared.pending, 0, shared.now, shared.now)  # status, attempts, received_at, status_changed_at
+    values = []
+    for number, index in enumerate(plan.new_rows):
+        earlier = plan.new_supersedes.get(-(number + 1))
+        supersedes = None if earlier is None else ids.get(earlier, earlier)
+        values.append((*prepared[index], new_ids[number], supersedes, *shared.origins[index], *tail))
+    insert_tuples(session, FACTS, _FACT_COLUMNS, values)
     return ids
 
 
-def _insert_origins(
-    session: Session, plan: _Plan, rows: list[dict[str, Any]], ids: dict[int, int], now: datetime
-) -> None:
-    origin_rows = [
-        {
-            "fact_id": ids.get(key, key),
-            "source_id": row["source_id"],
-            "location": row["origin_location"],
-            "position": row["origin_position"],
-            "external_id": row["external_id"],
-            "observed_at": row["observed_at"],
-        }
-        for key, row in zip(plan.keys, rows, strict=True)
-    ]
-    insert_rows(session, FACT_ORIGINS, origin_rows, {"received_at": now})
+def _insert_origins(session: Session, plan: _Plan, ids: dict[int, int], shared: _Shared) -> None:
+    now = shared.now
+    values = [(ids.get(key, key), *origin, now) for key, origin in zip(plan.keys, shared.origins, strict=True)]
+    insert_tuples(session, FACT_ORIGINS, _ORIGIN_COLUMNS, values)

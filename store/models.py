@@ -144,7 +144,7 @@ class Fact(Base):
     status: Mapped[FactStatus] = mapped_column(_fact_status, default=FactStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
-    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))  # queries by source use fact_origins
     origin_location: Mapped[str] = mapped_column(Text)
     origin_position: Mapped[str | None] = mapped_column(Text)
     external_id: Mapped[str | None] = mapped_column(Text)

@@ -40,3 +40,11 @@ def hash_normalised_prompt(prompt: str) -> str:
 def hash_normalised_pair(prompt: str, target_new: str) -> str:
     """`content_hash` of a pair that is already normalised (the ledger's fast path)."""
     return hashlib.sha256((prompt + _SEPARATOR + target_new).encode("utf-8")).hexdigest()
+
+
+def hash_normalised(prompt: str, target_new: str) -> tuple[str, str]:
+    """(`content_hash`, `prompt_hash`) of a pair that is already normalised, in one pass over the prompt."""
+    digest = hashlib.sha256(prompt.encode("utf-8"))
+    phash = digest.hexdigest()  # hexdigest leaves the state as it was, so the pair hash continues from here
+    digest.update((_SEPARATOR + target_new).encode("utf-8"))
+    return digest.hexdigest(), phash

@@ -254,7 +254,7 @@ def export_facts(
             record["locality"] = [dict(item) for item in fact.locality]
         record["id"] = fact.external_id or f"ledger:{fact.id}"
         if fact.observed_at is not None:
-            record["observed_at"] = fact.observed_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            record["observed_at"] = fact.observed_at.isoformat().replace("+00:00", "Z")  # lossless
         yield record
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import MODEL_CACHE_DIR
@@ -22,6 +23,7 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO_ROOT)
     env["KED_MODEL__DEVICE"] = "cpu"
     env["KED_MODEL__CACHE_DIR"] = str(MODEL_CACHE_DIR)
+    env["KED_API__PORT"] = "0"
     return env
 
 
@@ -55,6 +57,25 @@ def _wait_for_ready(proc: subprocess.Popen[str], timeout: float) -> list[dict[st
     raise AssertionError(f"no ready line; got {records}")
 
 
+def _check_running_service(api: str, state: Path) -> None:
+    """The API answers, the model answers queries, and a file dropped into the inbox reaches the ledger."""
+    assert httpx.get(f"{api}/healthz", timeout=10).status_code == 200
+    ready = httpx.get(f"{api}/readyz", timeout=10)
+    assert ready.status_code == 503 and any("editor" in r for r in ready.json()["reasons"])
+    answer = httpx.post(f"{api}/v1/query", json={"prompt": "The capital of France is", "answers": ["Paris"]}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["completion"].startswith(" Paris")
+    fact = {"prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English", "ground_truth": "French"}
+    (state / "inbox" / "one.jsonl").write_text(json.dumps(fact) + "\n")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        facts = httpx.get(f"{api}/v1/facts", timeout=10).json()["facts"]
+        if facts:
+            break
+        time.sleep(0.5)
+    assert [f["target_new"] for f in facts] == ["English"]
+    assert "ked_facts_ingested_total" in httpx.get(f"{api}/metrics", timeout=10).text
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_starts_logs_ready_as_json_and_exits_on_signal(tmp_path: Path, signum: int) -> None:
@@ -71,6 +92,8 @@ def test_starts_logs_ready_as_json_and_exits_on_signal(tmp_path: Path, signum: i
         ready = records[-1]
         assert ready["model_type"] == "llama" and ready["level"] == "info"
         assert "not_yet_implemented" in ready
+        if signum == signal.SIGTERM:
+            _check_running_service(str(ready["api"]), tmp_path / "state")
         sent = time.monotonic()
         proc.send_signal(signum)
         assert proc.wait(timeout=10) == 0
@@ -94,8 +117,11 @@ def test_signal_during_start_up_exits_promptly(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        first = json.loads(proc.stdout.readline())
-        assert first["event"] == "loading model"
+        events = []
+        while not events or events[-1] != "loading model":
+            line = proc.stdout.readline()
+            assert line, f"daemon ended before loading the model: {events}"
+            events.append(json.loads(line)["event"])
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

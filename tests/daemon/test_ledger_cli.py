@@ -125,6 +125,10 @@ def test_log_newest_first(cli: Run, seeded: Any) -> None:
 def test_show_fact_and_commit(cli: Run, seeded: Any) -> None:
     code, out, _ = cli("show", "1")
     assert code == EXIT_OK and "The capital of France is" in out
+    assert [line.split(" at ")[0] for line in out.splitlines() if line.startswith("origin ")] == [
+        "origin             inbox: a.jsonl line 1",
+        "origin             feed:x: https://x e9",
+    ]
     code, out, _ = cli("show", "1", "--json")
     fact = json.loads(out)
     assert [o["source"] for o in fact["origins"]] == ["inbox", "feed:x"]
@@ -243,3 +247,12 @@ def test_module_entry_point_uses_sqlite_in_the_state_dir(tmp_path: Path) -> None
     command = [sys.executable, "-m", "daemon.ledger", "--config", str(bad), "status"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "store.sqlite_busy_timeout_ms" in result.stderr
+
+
+def test_read_commands_do_not_wait_for_a_writer(cli: Run, seeded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KED_STORE__SQLITE_BUSY_TIMEOUT_MS", "300")
+    with seeded() as writer:
+        ledger.transition(session=writer, fact_ids=[4], to=FactStatus.EDITING)  # holds the write lock
+        code, out, _ = cli("status", "--json")
+        assert code == EXIT_OK and json.loads(out)["by_status"]["editing"] == 0
+        writer.rollback()

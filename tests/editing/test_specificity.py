@@ -54,6 +54,20 @@ def test_left_padded_batches_score_like_single_rows(gate_tiny_lm: Any, bpe_token
         assert together.token_accuracy[i].item() == alone.token_accuracy[0].item()
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_cached_prefix_scores_like_the_whole_sequence(gate_tiny_lm: Any, bpe_tokenizer: Any, model_type: str) -> None:
+    """Few-shot prefixes run once: rows continuing the cached prefix get the logits of the full sequence."""
+    model = gate_tiny_lm(model_type)
+    prefix = "The capital of Italy is Rome.\n\n"
+    cached = next_token_logprobs(model, bpe_tokenizer, PROMPTS, batch_size=3, prefix=prefix)
+    prefix_ids = bpe_tokenizer(prefix)["input_ids"]
+    for i, prompt in enumerate(PROMPTS):
+        ids = prefix_ids + bpe_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(cached[i], torch.log_softmax(logits.float(), -1), atol=1e-5, rtol=1e-5)
+
+
 def test_answer_scores_are_teacher_forced_sums(gate_tiny_lm: Any, bpe_tokenizer: Any) -> None:
     """The log-likelihood is the sum of per-token log-probabilities of " answer" after the prompt."""
     model = gate_tiny_lm("llama")

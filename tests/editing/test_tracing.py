@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from editing.emsedit import answer_loss, lm_logits
-from editing.targets import resolve_modules, weight_in_out
+from editing.targets import resolve_modules
 from editing.tokenise import tokenise
 from editing.tracing import trace_modules
 

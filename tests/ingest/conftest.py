@@ -84,6 +84,7 @@ class WebServer:
     base: str
     routes: dict[str, Route]
     requests: list[tuple[str, dict[str, str]]]
+    stop: threading.Event = field(default_factory=threading.Event)  #: set: delayed answers go out now
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -134,10 +135,13 @@ def _handler(server_state: WebServer, stop: threading.Event) -> type[BaseHTTPReq
             self.end_headers()
             if status == 304:
                 return
-            for start in range(0, len(body), 64 if trickle else max(1, len(body))):
+            if not trickle:
+                self.wfile.write(body)
+                return
+            for start in range(0, len(body), 64):
                 if stop.is_set():
                     return
-                self.wfile.write(body[start : start + (64 if trickle else len(body))])
+                self.wfile.write(body[start : start + 64])
                 self.wfile.flush()
                 time.sleep(trickle)
 
@@ -146,8 +150,8 @@ def _handler(server_state: WebServer, stop: threading.Event) -> type[BaseHTTPReq
 
 @pytest.fixture
 def web() -> Iterator[WebServer]:
-    stop = threading.Event()
     state = WebServer(base="", routes={}, requests=[])
+    stop = state.stop
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state, stop))
     httpd.daemon_threads = True
     state.base = f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -158,3 +158,38 @@ def test_process_refuses_names_with_directories(inbox: Path, ingest_config: Inge
                                                 ledger: sessionmaker[Session]) -> None:
     with pytest.raises(UnsafePath):
         DropFolder(inbox, ingest_config, ledger).process("../outside.jsonl")
+
+
+def test_file_changed_while_read_stays_and_is_read_again(
+    inbox: Path, ingest_config: IngestConfig, ledger: sessionmaker[Session]
+) -> None:
+    path = inbox / "growing.jsonl"
+    path.write_text(fact(1) + "\n")
+
+    def writer_still_busy(step: str) -> None:
+        if step == "read" and path.read_text().count("\n") == 1:
+            with path.open("a") as handle:
+                handle.write(fact(2) + "\n")
+
+    [first] = DropFolder(inbox, ingest_config, ledger, on_step=writer_still_busy).scan()
+    assert first.destination == path and path.exists()  # not moved: its new line was not read yet
+    [second] = DropFolder(inbox, ingest_config, ledger).scan()
+    assert second.destination == inbox / "processed" / "growing.jsonl"
+    assert (second.tally.accepted, second.tally.duplicates) == (1, 1)
+    assert counts(ledger) == (2, 3, 0)
+
+
+def test_file_removed_after_the_scan_saw_it_is_skipped(
+    inbox: Path, ingest_config: IngestConfig, ledger: sessionmaker[Session]
+) -> None:
+    for name, age in (("a.jsonl", 20), ("b.jsonl", 10)):
+        (inbox / name).write_text(fact(age) + "\n")
+        os.utime(inbox / name, (time.time() - age, time.time() - age))
+
+    def remove_b(step: str) -> None:
+        if step == "read" and (inbox / "b.jsonl").exists():
+            (inbox / "b.jsonl").unlink()
+
+    results = DropFolder(inbox, ingest_config, ledger, on_step=remove_b).scan()
+    assert [(r.name, r.tally.accepted) for r in results] == [("a.jsonl", 1)]
+    assert counts(ledger) == (1, 1, 0)

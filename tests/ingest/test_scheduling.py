@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest.config import IngestConfig
 from ingest.polling import Poll
 from ingest.scheduling import SourceJob, backoff_seconds, schedule_sources, source_health
+from store import ledger as store_ledger
 from tests.ingest.conftest import DATA, Route, WebServer, counts
 
 
@@ -36,12 +37,12 @@ def scheduler() -> Iterator[BackgroundScheduler]:
 def test_hung_source_does_not_block_the_others(
     tmp_path: Path, web: WebServer, ledger: sessionmaker[Session], scheduler: BackgroundScheduler
 ) -> None:
-    web.routes["/hang"] = Route(b"[]", delay_seconds=4)
+    web.routes["/hang"] = Route(b"[]", delay_seconds=8)
     web.routes["/facts"] = Route(json.dumps([{"prompt": "The boss of Acme is", "target_new": "Ann"}]).encode())
     web.routes["/leaders.atom"] = Route((DATA / "feeds" / "leaders.atom").read_bytes())
     config = IngestConfig(
         settle_seconds=0, jitter_seconds=0, drop_folder_interval_seconds=0.2,
-        http={"read_timeout_seconds": 3, "total_timeout_seconds": 3},  # type: ignore[arg-type]
+        http={"read_timeout_seconds": 6, "total_timeout_seconds": 6},  # type: ignore[arg-type]
         web=[{"name": "hung", "url": web.url("/hang"), "interval_seconds": 1},  # type: ignore[list-item]
              {"name": "good", "url": web.url("/facts"), "interval_seconds": 1}],  # type: ignore[list-item]
         feeds=[{"name": "leaders", "url": web.url("/leaders.atom"), "interval_seconds": 1,  # type: ignore[list-item]
@@ -52,23 +53,19 @@ def test_hung_source_does_not_block_the_others(
     jobs = schedule_sources(scheduler, config, ledger, drop_folder=inbox)
     assert sorted(j.id for j in jobs) == ["ingest:feed:leaders", "ingest:inbox", "ingest:web:good", "ingest:web:hung"]
     assert all(j.max_instances == 1 and j.coalesce for j in jobs)
-    started = time.monotonic()
     scheduler.start()
     wait_for(lambda: (inbox / "processed").is_dir())
     (inbox / "late.jsonl").write_text(json.dumps({"prompt": "The boss of Initech is", "target_new": "Bill"}) + "\n")
     # while the hung endpoint holds its thread, the other three sources all get their facts in
     wait_for(lambda: counts(ledger)[0] == 4 and (inbox / "processed" / "late.jsonl").exists())
-    assert time.monotonic() - started < 3
-    wait_for(lambda: _failures(ledger, config, "web:hung") >= 1)
+    assert any(path == "/hang" for path, _ in web.requests)
     with ledger() as session:
+        hung = store_ledger.get_source(session=session, name="web:hung")
+        assert hung is not None and hung.last_polled_at is None  # its first poll is still waiting
         health = {h.name: h for h in source_health(session, config)}
-    assert health["web:good"].healthy and health["inbox"].healthy
-    assert "timed out" in (health["web:hung"].last_error or "")
-
-
-def _failures(ledger: sessionmaker[Session], config: IngestConfig, name: str) -> int:
-    with ledger() as session:
-        return next((h.consecutive_failures for h in source_health(session, config) if h.name == name), 0)
+    assert health["web:good"].healthy and health["inbox"].healthy and health["feed:leaders"].healthy
+    web.stop.set()  # let the hung answer go, so the scheduler can stop with its jobs finished
+    scheduler.shutdown(wait=True)
 
 
 def test_failing_source_backs_off_and_turns_unhealthy(ledger: sessionmaker[Session]) -> None:
@@ -106,3 +103,14 @@ def test_failure_is_recorded_in_the_ledger_and_health(web: WebServer, ledger: se
     with ledger() as session:
         [health] = source_health(session, config)
     assert (health.name, health.healthy, health.consecutive_failures) == ("web:gone", False, 2)
+
+
+def test_job_options_and_own_executor(ledger: sessionmaker[Session], scheduler: BackgroundScheduler) -> None:
+    config = IngestConfig(jitter_seconds=2.5, drop_folder_interval_seconds=7)
+    [job] = schedule_sources(scheduler, config, ledger, drop_folder=Path("/nonexistent/inbox"), start_now=False)
+    assert (job.trigger.interval.total_seconds(), job.trigger.jitter) == (7, 2.5)
+    assert (job.max_instances, job.coalesce, job.misfire_grace_time, job.executor) == (1, True, 7, "ingest")
+    # scheduling again replaces the jobs instead of adding copies, and keeps the executor
+    schedule_sources(scheduler, config, ledger, drop_folder=Path("/nonexistent/inbox"), start_now=False)
+    scheduler.start(paused=True)  # pending jobs reach the job store (replacing by id) when it starts
+    assert [j.id for j in scheduler.get_jobs()] == ["ingest:inbox"]

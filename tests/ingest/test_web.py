@@ -40,7 +40,7 @@ def test_facts_object_with_a_bad_item(web: WebServer, ingest_config: IngestConfi
 def test_bad_body_is_recorded_once_and_fails_the_poll(
     web: WebServer, ingest_config: IngestConfig, ledger: sessionmaker[Session]
 ) -> None:
-    web.routes["/broken"] = Route(b"<html>oops</html>")
+    web.routes["/broken"] = Route(b"<html>oops</html>", etag='"same"')
     source = WebJsonSource(name="broken", url=web.url("/broken"))
     results = [web_source.poll(source, ingest_config, ledger) for _ in range(2)]
     reason = "body of /broken: invalid JSON: Expecting value at line 1 column 1"

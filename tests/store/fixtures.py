@@ -37,17 +37,23 @@ class PostgresSchemas:
         self.url = url
         self.admin = create_engine(url, isolation_level="AUTOCOMMIT")
         self.created: list[str] = []
+        reason = self._unreachable()
+        if reason:
+            self.admin.dispose()
+            pytest.fail(
+                f"PostgreSQL is unreachable at {make_url(url).render_as_string(hide_password=True)} "
+                f"({reason}); start the server or set KED_TEST_POSTGRES_URL "
+                "(the ledger suite must run on Postgres, so this fails, not skips)",
+                pytrace=False,
+            )
+
+    def _unreachable(self) -> str | None:
         try:
             with self.admin.connect() as connection:
                 connection.execute(text("SELECT 1"))
         except OperationalError as exc:
-            self.admin.dispose()
-            pytest.fail(
-                f"PostgreSQL is unreachable at {make_url(url).render_as_string(hide_password=True)} "
-                f"({str(exc.orig).strip().splitlines()[0] if exc.orig else exc}); start the server or set "
-                "KED_TEST_POSTGRES_URL (the ledger suite must run on Postgres, so this fails, not skips)",
-                pytrace=False,
-            )
+            return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        return None
 
     def new(self) -> str:
         """A URL whose connections work only inside a fresh, empty schema."""

@@ -182,3 +182,15 @@ def test_revert_last_bad_counts(session: Session) -> None:
         ledger.revert_last(session=session, count=2, reason=None, requested_by="t")
     with pytest.raises(UnknownVersion, match="at least 1"):
         ledger.revert_last(session=session, count=0, reason=None, requested_by="t")
+
+
+def test_reverts_wait_for_the_daemon_to_restore_weights(session: Session) -> None:
+    (a,) = add(session, fact())
+    commit(session, a)
+    audit = ledger.revert_last(session=session, count=1, reason=None, requested_by="t")
+    assert [r.id for r in ledger.unapplied_reverts(session)] == [audit.id]
+    applied = ledger.mark_revert_applied(session=session, revert_id=audit.id)
+    assert applied.weights_restored_at is not None
+    assert ledger.unapplied_reverts(session) == []
+    with pytest.raises(LedgerError, match="no revert #99"):
+        ledger.mark_revert_applied(session=session, revert_id=99)

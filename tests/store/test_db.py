@@ -9,16 +9,18 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from store.db import make_engine, make_session_factory, upgrade_to_head
+from store.db import make_engine, make_read_session_factory, make_session_factory, upgrade_to_head
 from store.errors import LedgerUnavailable
 
 
 def test_sqlite_pragmas(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'sub' / 'l.sqlite3'}", sqlite_busy_timeout_ms=1234)
+    engine = make_engine(f"sqlite:///{tmp_path / 'sub' / 'l.sqlite3'}", sqlite_busy_timeout_ms=1234, sqlite_cache_mb=8)
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 1234
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert connection.execute(text("PRAGMA cache_size")).scalar() == -8 * 1024
+        assert connection.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
     engine.dispose()
 
 
@@ -49,4 +51,23 @@ def test_unreachable_postgres_names_url_without_password() -> None:
     with pytest.raises(LedgerUnavailable, match=r"cannot connect to the ledger at .*127\.0\.0\.1:1/db") as info:
         upgrade_to_head(engine)
     assert "secret" not in str(info.value)
+    engine.dispose()
+
+
+def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'l.sqlite3'}", sqlite_busy_timeout_ms=5000)
+    upgrade_to_head(engine)
+    with make_session_factory(engine)() as writer, make_read_session_factory(engine)() as reader:
+        writer.execute(
+            text(
+                "INSERT INTO reverts (requested_at, from_version, to_version, requested_by, "
+                "reverted_commits, reverted_facts) VALUES ('2026-01-01', 1, 0, 'w', 0, 0)"
+            )
+        )
+        started = time.monotonic()
+        assert reader.execute(text("SELECT count(*) FROM reverts")).scalar() == 0  # the snapshot before
+        assert time.monotonic() - started < 1.0
+        writer.commit()
+        reader.rollback()
+        assert reader.execute(text("SELECT count(*) FROM reverts")).scalar() == 1
     engine.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from store import ledger
-from store.errors import InvalidFact, UnknownSource
+from store.errors import InvalidFact, LedgerError, UnknownSource
 from store.models import Fact, FactOrigin, FactStatus, Rejection, Source
 from store.records import FactIn, Locality, RejectionIn
 from tests.store.factories import add, commit, fact, origin, status_of
@@ -240,3 +240,14 @@ def test_bulk_inserted_values_are_stored_as_the_orm_stores_them(session: Session
         assert observed == when and received.tzinfo is not None and created.tzinfo is not None
         assert locality == [{"prompt": "a", "answer": "b"}]
     assert status == "pending"
+
+
+@pytest.mark.parametrize(("name", "kind"), [("", "rss"), ("x" * 201, "rss"), ("feed", " "), ("feed", "k" * 41)])
+def test_source_names_and_kinds_are_checked(session: Session, name: str, kind: str) -> None:
+    with pytest.raises(LedgerError, match="must be 1 to"):
+        ledger.ensure_source(session=session, name=name, kind=kind, location="/x")
+
+
+def test_fact_from_an_unnamed_source_is_refused(session: Session) -> None:
+    with pytest.raises(LedgerError, match="source name '' must be 1 to 200 characters"):
+        ledger.add_facts(session=session, items=[(fact(), origin(source=""))])

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import hashlib
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from store.normalise import content_hash, normalise_text, prompt_hash
 
 
@@ -24,3 +27,17 @@ def test_content_hash_is_sha256_of_normalised_pair() -> None:
 
 def test_separator_cannot_be_smuggled_into_text() -> None:
     assert content_hash("a\x1fb", "c") == content_hash("a b", "c")
+
+
+@given(st.text())
+def test_normalise_is_idempotent_and_leaves_no_edge_or_double_spaces(text: str) -> None:
+    once = normalise_text(text)
+    assert normalise_text(once) == once
+    assert once == once.strip() and "  " not in once
+    assert not any(ch.isspace() and ch != " " for ch in once)
+
+
+@given(st.text(min_size=1), st.text(min_size=1), st.sampled_from([" ", "\t", "\n", "\u00a0", "\u2003"]))
+def test_content_hash_ignores_whitespace_runs(prompt: str, target: str, space: str) -> None:
+    padded = space + prompt.replace(" ", space * 2) + space
+    assert content_hash(padded, target + space) == content_hash(prompt, target)

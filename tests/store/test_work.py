@@ -7,13 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store import ledger
 from store.db import make_engine, make_session_factory
 from store.errors import IllegalTransition, LedgerError
-from store.models import Fact, FactStatus
+from store.models import Fact, FactOrigin, FactStatus
 from tests.store.factories import add, commit, fact, status_of
 
 
@@ -65,6 +65,40 @@ def test_two_processes_never_claim_the_same_fact(db_url: str, session_factory: C
     assert sum(len(claimed) for _, claimed in outcomes) == len(ids)
     with session_factory() as session:
         assert {f.attempts for f in session.scalars(select(Fact))} == {1}
+
+
+def _adder(url: str, start: Any, results: Any, offset: int) -> None:
+    engine = make_engine(url, sqlite_busy_timeout_ms=20000)
+    factory = make_session_factory(engine)
+    start.wait(timeout=30)
+    try:
+        for begin in range(0, 200, 20):  # overlapping batches: every fact is sent by both processes
+            batch = [fact(f"shared prompt {(i + offset) % 200}", "t") for i in range(begin, begin + 20)]
+            with factory() as session, session.begin():
+                add(session, *batch)
+        results.put(("ok", offset))
+    except Exception as exc:  # report any failure to the parent instead of dying silently
+        results.put(("error", repr(exc)))
+    finally:
+        engine.dispose()
+
+
+def test_two_processes_adding_the_same_facts_store_each_once(
+    db_url: str, session_factory: Callable[[], Session]
+) -> None:
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=_adder, args=(db_url, start, results, offset)) for offset in (0, 100)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    assert [kind for kind, _ in outcomes] == ["ok", "ok"], outcomes
+    with session_factory() as session:
+        facts = session.scalars(select(Fact)).all()
+        assert len(facts) == 200 and len({f.content_hash for f in facts}) == 200
+        assert session.scalar(select(func.count()).select_from(FactOrigin)) == 400
 
 
 def test_reset_stuck_editing_returns_claimed_facts_to_pending(session: Session) -> None:

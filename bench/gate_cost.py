@@ -1,0 +1,180 @@
+"""The commit gate's cost and the base model's probe scores (SmolLM2-135M-Instruct, default settings).
+
+Measures, on the real default model:
+
+- the periodic GLUE-style probes: items per task, prompt tokens, seconds for the first run (base
+  references plus the live model) and for a later run (live model only), the base model's accuracy;
+- the standing-prompt fallback (no probe data configured): seconds per run;
+- the per-batch check for 16 ZsRE dev facts (efficacy plus specificity on the standing prompts and the
+  facts' locality prompts): seconds with the base references still to compute and once cached;
+- the edit time of the same batch (`EMSEditor.propose`, S = 2, an untrained editor: the cost does not
+  depend on the weights of the hypernetworks), and the check's time as a fraction of it.
+
+    .venv/bin/python bench/gate_cost.py [--data ../shared/data]
+
+Writes bench/results/gate_cost.json and .md. Timings on a shared CPU are noisy: wall and CPU seconds and
+the load average are recorded (CPU seconds / threads approximates the wall time on an idle machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editing.config import EditorConfig, ModelConfig
+from editing.data import load_zsre
+from editing.emsedit import EMSEditor
+from editing.gate import BatchChecker, GateFact, locality_prompts
+from editing.gate_config import GateConfig
+from editing.loading import load_model
+from editing.probes import ProbeSuite, choice_scores
+from editing.specificity import FrozenBase, ReferenceStore
+from editing.targets import default_edit_modules
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_DATA = Path(__file__).parents[1].parent / "shared" / "data"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Run fn; its result and {wall, cpu} seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3)}
+
+
+def probe_figures(loaded: Any, config: GateConfig) -> dict[str, Any]:
+    store = ReferenceStore(FrozenBase(loaded.fingerprint, {}))
+    suite = ProbeSuite.from_config(config, store)
+    tasks = {}
+    for task in suite.tasks:
+        tokens = [len(loaded.tokenizer(p)["input_ids"]) for p in task.prompts()]
+        prefix = len(loaded.tokenizer(task.prefix())["input_ids"]) if task.shots else 0
+        _, cost = timed(lambda t=task: choice_scores(loaded.model, loaded.tokenizer, t, config.batch_size))
+        tasks[task.name] = {
+            "items": len(task.items),
+            "mean_prompt_tokens": sum(tokens) / len(tokens),
+            "prefix_tokens": prefix,
+            "score": cost,
+        }
+    first, first_cost = timed(lambda: suite.run(loaded.model, loaded.tokenizer))
+    _, later_cost = timed(lambda: suite.run(loaded.model, loaded.tokenizer))
+    for report in first.tasks:
+        tasks[report.task]["base_accuracy"] = report.base_accuracy
+        tasks[report.task]["chance"] = 1.0 / len(next(t for t in suite.tasks if t.name == report.task).items[0].choices)
+    return {
+        "tasks": tasks,
+        "first_run": first_cost,
+        "later_run": later_cost,
+        "pooled_base_accuracy": first.base_accuracy,
+    }
+
+
+def standing_figures(loaded: Any, config: GateConfig) -> dict[str, Any]:
+    suite = ProbeSuite.from_config(
+        config.model_copy(update={"probe_data": None}), ReferenceStore(FrozenBase(loaded.fingerprint, {}))
+    )
+    report, first = timed(lambda: suite.run(loaded.model, loaded.tokenizer))
+    _, later = timed(lambda: suite.run(loaded.model, loaded.tokenizer))
+    return {"prompts": report.tasks[0].n_items, "first_run": first, "later_run": later}
+
+
+def batch_figures(loaded: Any, config: GateConfig, data: Path, batch: int) -> dict[str, Any]:
+    examples = load_zsre(data / "zsre" / "zsre_dev.json", limit=batch)
+    facts = [GateFact(i, e) for i, e in enumerate(examples)]
+    checker = BatchChecker.from_config(config, ReferenceStore(FrozenBase(loaded.fingerprint, {})))
+    extra = locality_prompts(facts)
+    _, first = timed(lambda: checker.measure(loaded.model, loaded.tokenizer, facts, extra))
+    runs = [timed(lambda: checker.measure(loaded.model, loaded.tokenizer, facts, extra)) for _ in range(3)]
+    measurement = runs[-1][0]
+    cached = min((cost for _, cost in runs), key=lambda c: c["wall_s"])
+    names = default_edit_modules(loaded.model_type, loaded.num_layers)
+    editor = EMSEditor(loaded.model, loaded.tokenizer, names, EditorConfig())
+    edits = [timed(lambda: editor.propose(examples)) for _ in range(3)]
+    edit = min((cost for _, cost in edits), key=lambda c: c["wall_s"])
+    return {
+        "facts": len(facts),
+        "prompts": {"standing": config.specificity_prompts, "locality": len(extra), "efficacy_rows": len(facts)},
+        "check_first": first,
+        "check_cached": cached,
+        "edit_propose": edit,
+        "fraction_wall": round(cached["wall_s"] / edit["wall_s"], 3),
+        "fraction_cpu": round(cached["cpu_s"] / edit["cpu_s"], 3),
+        "base_mean_efficacy": sum(measurement.efficacy.values()) / len(facts),
+        "base_specificity": measurement.specificity.to_dict(),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    probes = result["probes"]
+    lines = [
+        "# Commit gate cost and base probe scores (SmolLM2-135M-Instruct, CPU)",
+        "",
+        f"Produced by `bench/gate_cost.py`; torch threads {result['threads']}, load average at start "
+        f"{result['load_average'][0]:.1f} on {os.cpu_count()} cores (a shared machine: compare CPU seconds).",
+        "",
+        "## Periodic probes (defaults: "
+        f"{result['config']['probe_items']} items per task, {result['config']['few_shot']}-shot)",
+        "",
+        "| task | items | mean prompt tokens | few-shot prefix tokens | score wall s | score CPU s | base accuracy | chance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in probes["tasks"].items():
+        lines.append(
+            f"| {name} | {t['items']} | {t['mean_prompt_tokens']:.0f} | {t['prefix_tokens']} | {t['score']['wall_s']:.1f} | "
+            f"{t['score']['cpu_s']:.1f} | {t['base_accuracy']:.3f} | {t['chance']:.2f} |"
+        )
+    b = result["batch"]
+    lines += [
+        "",
+        f"Pooled base accuracy {probes['pooled_base_accuracy']:.3f}. Whole suite: first run (base references + live) "
+        f"{probes['first_run']['wall_s']:.1f} s wall / {probes['first_run']['cpu_s']:.1f} s CPU; later runs "
+        f"{probes['later_run']['wall_s']:.1f} s wall / {probes['later_run']['cpu_s']:.1f} s CPU.",
+        f"Standing-prompt fallback ({result['standing']['prompts']} prompts): later runs "
+        f"{result['standing']['later_run']['wall_s']:.1f} s wall / {result['standing']['later_run']['cpu_s']:.1f} s CPU.",
+        "",
+        f"## Per-batch check ({b['facts']} ZsRE dev facts)",
+        "",
+        f"- prompts: {b['prompts']['efficacy_rows']} efficacy rows, {b['prompts']['standing']} standing, "
+        f"{b['prompts']['locality']} locality",
+        f"- check, first (computes base references): {b['check_first']['wall_s']:.2f} s wall / {b['check_first']['cpu_s']:.2f} s CPU",
+        f"- check, references cached: {b['check_cached']['wall_s']:.2f} s wall / {b['check_cached']['cpu_s']:.2f} s CPU",
+        f"- edit (`propose`, S = 2): {b['edit_propose']['wall_s']:.2f} s wall / {b['edit_propose']['cpu_s']:.2f} s CPU",
+        f"- check / edit: {b['fraction_wall']:.2f} (wall), {b['fraction_cpu']:.2f} (CPU); target <= 0.5",
+        f"- unedited model: mean efficacy {b['base_mean_efficacy']:.3f}, specificity {b['base_specificity']}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder")
+    parser.add_argument("--batch", type=int, default=16, help="facts per edit batch")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gate_cost.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model(ModelConfig(device="cpu"))
+    config = GateConfig(probe_data=args.data / "glue_probes")
+    result: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "config": config.model_dump(mode="json"),
+    }
+    result["batch"] = batch_figures(loaded, config, args.data, args.batch)
+    result["probes"] = probe_figures(loaded, config)
+    result["standing"] = standing_figures(loaded, config)
+    result["load_average_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Every Prometheus metric of the daemon, built on an injected `CollectorRegistry`.
+
+The service and the HTTP API call the small typed methods of `Metrics`; no other module imports
+prometheus_client. Production passes `prometheus_client.REGISTRY` (or a fresh registry), tests a
+fresh `CollectorRegistry`, so two services in one process never clash.
+
+Conventions (https://prometheus.io/docs/practices/naming/): the prefix ``ked_``, base units
+(seconds, bytes, ratios in 0..1) as suffixes, ``_total`` on counters, and only bounded label
+values: configured source names, fixed outcome and phase sets, probe names from the gate config,
+and rejection reason *codes* (`daemon.rejection_codes`), never fact ids, URLs or free text. An
+unknown outcome or phase is counted as ``other`` and logged, never raised: a metrics call must not
+break the edit loop. docs/monitoring.md lists every series.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Literal
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from daemon.config import MetricsConfig
+from daemon.process_memory import ProcessMemoryCollector
+from daemon.rejection_codes import reason_code
+
+log = structlog.get_logger(__name__)
+
+BatchOutcome = Literal["committed", "rejected", "failed", "rolled_back"]
+BatchPhase = Literal["claim", "prepare", "edit", "gate", "commit", "restore"]
+EditorState = Literal["missing", "training", "ready", "failed"]
+ProbeKind = Literal["gate", "periodic", "baseline"]
+RevertOutcome = Literal["done", "refused", "failed"]
+
+BATCH_OUTCOMES: tuple[str, ...] = ("committed", "rejected", "failed", "rolled_back")
+BATCH_PHASES: tuple[str, ...] = ("claim", "prepare", "edit", "gate", "commit", "restore")
+EDITOR_STATES: tuple[str, ...] = ("missing", "training", "ready", "failed")
+PROBE_KINDS: tuple[str, ...] = ("gate", "periodic", "baseline")
+REVERT_OUTCOMES: tuple[str, ...] = ("done", "refused", "failed")
+QUALITY_METRICS: tuple[str, ...] = ("efficacy", "generalization", "specificity")
+
+# Edit batches, probe runs and reverts last from about a second (a small batch on a GPU) to tens of
+# minutes (a large batch with bisection on a CPU); the default buckets stop at 10 s.
+WORK_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _bounded(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value in allowed:
+        return value
+    log.warning("unknown metric label value counted as 'other'", kind=what, value=value[:80], allowed=list(allowed))
+    return "other"
+
+
+class Metrics:
+    """The daemon's metrics. Every method is cheap, thread-safe and never raises on odd values."""
+
+    def __init__(self, registry: CollectorRegistry, config: MetricsConfig | None = None) -> None:
+        self.registry = registry
+        self.config = config or MetricsConfig.model_validate({})
+        self._recent: deque[dict[str, float]] = deque(maxlen=self.config.recent_commits)
+        self._build_ingest(registry)
+        self._build_editing(registry)
+        self._build_model(registry)
+        self._build_probes(registry)
+        self._build_sources(registry)
+        self._build_editor(registry)
+        self._build_serving(registry)
+        registry.register(ProcessMemoryCollector())
+
+    # --- construction --------------------------------------------------------------------------
+
+    def _build_ingest(self, r: CollectorRegistry) -> None:
+        self.facts_ingested = Counter(
+            "ked_facts_ingested_total", "New facts stored in the ledger, by source.", ["source"], registry=r
+        )
+        self.facts_duplicate = Counter(
+            "ked_facts_duplicate_total", "Input records that matched a fact already stored, by source.",
+            ["source"], registry=r,
+        )
+        self.facts_rejected = Counter(
+            "ked_facts_rejected_total", "Input records rejected at ingest, by source and reason code.",
+            ["source", "reason"], registry=r,
+        )
+        self.facts_pending = Gauge("ked_facts_pending", "Facts waiting to be edited into the model.", registry=r)
+        self.facts_by_status = Gauge("ked_facts", "Facts in the ledger, by status.", ["status"], registry=r)
+
+    def _build_editing(self, r: CollectorRegistry) -> None:
+        self.batches = Counter("ked_edit_batches_total", "Edit batches, by outcome.", ["outcome"], registry=r)
+        self.batch_duration = Histogram(
+            "ked_edit_batch_duration_seconds", "Wall time of an edit batch from claim to commit or rollback.",
+            ["outcome"], buckets=WORK_BUCKETS, registry=r,
+        )
+        self.batch_phase_duration = Histogram(
+            "ked_edit_batch_phase_duration_seconds", "Wall time of each phase of an edit batch.",
+            ["phase"], buckets=WORK_BUCKETS, registry=r,
+        )
+        self.facts_committed = Counter(
+            "ked_facts_committed_total", "Facts applied to the live model by commits.", registry=r
+        )
+        self.recent_quality = {
+            name: Gauge(
+                f"ked_recent_commits_{name}_ratio",
+                f"Mean {name} (0..1) of the newest commits (metrics.recent_commits of them).",
+                registry=r,
+            )
+            for name in QUALITY_METRICS
+        }
+
+    def _build_model(self, r: CollectorRegistry) -> None:
+        self.model_version = Gauge("ked_model_version", "Ledger version of the live weights (0 = base).", registry=r)
+        self.last_commit_time = Gauge(
+            "ked_last_commit_timestamp_seconds", "Unix time of the newest active commit (0 if none).", registry=r
+        )
+        self.reverts = Counter("ked_reverts_total", "Revert requests, by outcome.", ["outcome"], registry=r)
+        self.revert_duration = Histogram(
+            "ked_revert_duration_seconds", "Wall time of a revert, weights included.", buckets=WORK_BUCKETS, registry=r
+        )
+        self.model_info = Gauge(
+            "ked_model_info", "The loaded model (value 1).", ["model_type", "fingerprint"], registry=r
+        )
+        self.ready = Gauge("ked_ready", "1 when /readyz answers 200, else 0.", registry=r)
+
+    def _build_probes(self, r: CollectorRegistry) -> None:
+        self.probe_score = Gauge("ked_probe_score_ratio", "Latest score (0..1) of each probe.", ["probe"], registry=r)
+        self.probe_drift = Gauge(
+            "ked_probe_drift_ratio", "Latest score minus the frozen base model's score, by probe.", ["probe"], registry=r
+        )
+        self.probe_runs = Counter(
+            "ked_probe_runs_total", "Probe runs, by kind and outcome (passed/failed).", ["kind", "outcome"], registry=r
+        )
+        self.probe_duration = Histogram(
+            "ked_probe_duration_seconds", "Wall time of a probe run.", ["kind"], buckets=WORK_BUCKETS, registry=r
+        )
+
+    def _build_sources(self, r: CollectorRegistry) -> None:
+        self.source_up = Gauge("ked_source_up", "1 when the source's last poll succeeded, else 0.", ["source"], registry=r)
+        self.source_failures = Gauge(
+            "ked_source_consecutive_failures", "Failed polls since the last success.", ["source"], registry=r
+        )
+        self.source_polls = Counter(
+            "ked_source_polls_total", "Source polls, by outcome (ok/error).", ["source", "outcome"], registry=r
+        )
+        self.source_fetch = Histogram(
+            "ked_source_fetch_duration_seconds", "Wall time of one source poll (fetch and parse).",
+            ["source"], buckets=FETCH_BUCKETS, registry=r,
+        )
+
+    def _build_editor(self, r: CollectorRegistry) -> None:
+        self.editor_state = Gauge("ked_editor_state", "1 for the editor's current state, 0 for others.", ["state"], registry=r)
+        self.training_progress = Gauge(
+            "ked_editor_training_progress_ratio", "Share of the editor's training steps done (0..1).", registry=r
+        )
+        self.training_step = Gauge("ked_editor_training_step", "Training steps done.", registry=r)
+        self.training_loss = Gauge("ked_editor_training_loss", "Latest training loss of the editor.", registry=r)
+        for state in EDITOR_STATES:
+            self.editor_state.labels(state).set(0)
+
+    def _build_serving(self, r: CollectorRegistry) -> None:
+        self.http_requests = Counter(
+            "ked_http_requests_total", "HTTP requests, by method, route template and status code.",
+            ["method", "route", "code"], registry=r,
+        )
+        self.http_duration = Histogram(
+            "ked_http_request_duration_seconds", "Wall time of HTTP requests, by route template.",
+            ["route"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.query_duration = Histogram(
+            "ked_query_duration_seconds", "Model time of a /v1/query (generation and answer scoring).",
+            buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.query_tokens = Counter("ked_query_generated_tokens_total", "Tokens generated by queries.", registry=r)
+
+    # --- ingest -------------------------------------------------------------------------------
+
+    def observe_ingest(
+        self, source: str, *, accepted: int, duplicates: int = 0, rejection_reasons: Iterable[str] = ()
+    ) -> None:
+        """Count one ingest batch of `source`; each rejection reason is reduced to its code."""
+        self.facts_ingested.labels(source).inc(max(accepted, 0))
+        self.facts_duplicate.labels(source).inc(max(duplicates, 0))
+        for reason in rejection_reasons:
+            self.facts_rejected.labels(source, reason_code(reason)).inc()
+
+    def set_fact_counts(self, by_status: Mapping[str, int]) -> None:
+        """Set the fact gauges from the ledger's counts by status (``pending`` feeds ked_facts_pending)."""
+        for status, count in by_status.items():
+            self.facts_by_status.labels(status).set(count)
+        self.facts_pending.set(by_status.get("pending", 0))
+
+    # --- editing ------------------------------------------------------------------------------
+
+    def observe_batch(self, outcome: BatchOutcome, seconds: float, phases: Mapping[BatchPhase, float]) -> None:
+        """Count one finished edit batch, its total wall time and the time of each phase it went through."""
+        label = _bounded(outcome, BATCH_OUTCOMES, "batch outcome")
+        self.batches.labels(label).inc()
+        self.batch_duration.labels(label).observe(max(seconds, 0.0))
+        for phase, phase_seconds in phases.items():
+            self.batch_phase_duration.labels(_bounded(phase, BATCH_PHASES, "batch phase")).observe(max(phase_seconds, 0.0))
+
+    def observe_commit(
+        self,
+        *,
+        version: int,
+        facts: int,
+        committed_at: datetime,
+        efficacy: float | None = None,
+        generalization: float | None = None,
+        specificity: float | None = None,
+    ) -> None:
+        """Record a commit: version, time, facts committed and its quality (ratios in 0..1, None if not measured)."""
+        self.facts_committed.inc(max(facts, 0))
+        self.model_version.set(version)
+        self.last_commit_time.set(committed_at.timestamp())
+        quality = {"efficacy": efficacy, "generalization": generalization, "specificity": specificity}
+        self._recent.append({k: float(v) for k, v in quality.items() if v is not None})
+        for name, gauge in self.recent_quality.items():
+            values = [entry[name] for entry in self._recent if name in entry]
+            if values:
+                gauge.set(sum(values) / len(values))
+
+    def set_model_state(self, *, version: int, last_commit_at: datetime | None) -> None:
+        """Set the model version and last commit time directly (start-up, after a revert)."""
+        self.model_version.set(version)
+        self.last_commit_time.set(last_commit_at.timestamp() if last_commit_at else 0)
+
+    def observe_revert(self, outcome: RevertOutcome, seconds: float) -> None:
+        """Count one revert request and, when it ran, its wall time."""
+        self.reverts.labels(_bounded(outcome, REVERT_OUTCOMES, "revert outcome")).inc()
+        if outcome == "done":
+            self.revert_duration.observe(max(seconds, 0.0))
+
+    def set_model_info(self, *, model_type: str, fingerprint: str) -> None:
+        """Describe the loaded model (fingerprint shortened to 16 characters)."""
+        self.model_info.clear()
+        self.model_info.labels(model_type, fingerprint[:16]).set(1)
+
+    def set_ready(self, ready: bool) -> None:
+        """Mirror /readyz: 1 ready, 0 not."""
+        self.ready.set(1 if ready else 0)
+
+    # --- probes -------------------------------------------------------------------------------
+
+    def observe_probes(
+        self,
+        kind: ProbeKind,
+        *,
+        passed: bool,
+        seconds: float,
+        scores: Mapping[str, float],
+        drift: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record a probe run: scores by probe (0..1) and drift (score minus the base model's score)."""
+        label = _bounded(kind, PROBE_KINDS, "probe kind")
+        self.probe_runs.labels(label, "passed" if passed else "failed").inc()
+        self.probe_duration.labels(label).observe(max(seconds, 0.0))
+        for probe, score in scores.items():
+            self.probe_score.labels(probe).set(score)
+        for probe, value in (drift or {}).items():
+            self.probe_drift.labels(probe).set(value)
+
+    # --- sources ------------------------------------------------------------------------------
+
+    def observe_source_poll(self, source: str, *, ok: bool, seconds: float, consecutive_failures: int = 0) -> None:
+        """Record one poll of `source`: its outcome, duration and the health that follows from it."""
+        self.source_polls.labels(source, "ok" if ok else "error").inc()
+        self.source_fetch.labels(source).observe(max(seconds, 0.0))
+        self.set_source_health(source, up=ok, consecutive_failures=0 if ok else consecutive_failures)
+
+    def set_source_health(self, source: str, *, up: bool, consecutive_failures: int) -> None:
+        """Set a source's health gauges (start-up: from the ledger's source rows)."""
+        self.source_up.labels(source).set(1 if up else 0)
+        self.source_failures.labels(source).set(consecutive_failures)
+
+    # --- editor training ----------------------------------------------------------------------
+
+    def set_editor_state(self, state: EditorState) -> None:
+        """Set the editor's state (one-hot over EDITOR_STATES)."""
+        current = _bounded(state, EDITOR_STATES, "editor state")
+        for name in EDITOR_STATES:
+            self.editor_state.labels(name).set(1 if name == current else 0)
+        if current == "ready":
+            self.training_progress.set(1)
+
+    def observe_training(self, *, step: int, total_steps: int, loss: float | None = None) -> None:
+        """Record training progress of the editor (first run)."""
+        self.training_step.set(step)
+        self.training_progress.set(min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 0.0)
+        if loss is not None:
+            self.training_loss.set(loss)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def observe_http_request(self, *, method: str, route: str, code: int, seconds: float) -> None:
+        """Count one HTTP request; `route` is the route template (``/v1/facts/{fact_id}``), never the raw path."""
+        self.http_requests.labels(method, route, str(code)).inc()
+        self.http_duration.labels(route).observe(max(seconds, 0.0))
+
+    def observe_query(self, *, seconds: float, generated_tokens: int) -> None:
+        """Record the model time of one query and the tokens it generated."""
+        self.query_duration.observe(max(seconds, 0.0))
+        self.query_tokens.inc(max(generated_tokens, 0))
+
+    # --- exposition ---------------------------------------------------------------------------
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(body, content type) of a scrape: OpenMetrics when `accept` asks for it, else the text format."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

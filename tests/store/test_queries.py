@@ -1,0 +1,70 @@
+"""Read-only queries: status summary, fact and commit details, filters and the export format."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy.orm import Session
+
+from store import ledger
+from store.errors import UnknownFact, UnknownSource, UnknownVersion
+from store.models import FactStatus
+from store.queries import commit_detail, export_facts, fact_detail, find_facts, list_reverts, status_summary
+from tests.store.factories import add, commit, fact
+
+
+def test_status_summary_counts_by_status_and_by_every_source(session: Session) -> None:
+    (a,) = add(session, fact("a", "1"), source="inbox")
+    add(session, fact("a", "1"), fact("b", "2"), source="feed:x")
+    commit(session, a)
+    ledger.update_source_poll_state(session=session, name="feed:x", ok=False, error="HTTP 500")
+    summary = status_summary(session)
+    assert summary.by_status["committed"] == 1 and summary.by_status["pending"] == 1
+    assert summary.by_status["rejected"] == 0
+    assert summary.by_source == {"inbox": {"committed": 1}, "feed:x": {"committed": 1, "pending": 1}}
+    assert summary.current_version == 1 and summary.last_commit is not None
+    assert summary.last_commit.fact_ids == (a,)
+    feed = next(s for s in summary.sources if s.name == "feed:x")
+    assert (feed.healthy, feed.consecutive_failures, feed.last_error) == (False, 1, "HTTP 500")
+
+
+def test_fact_detail_lists_every_arrival_and_commit(session: Session) -> None:
+    (a,) = add(session, fact(), source="inbox")
+    add(session, fact(), source="feed:y")
+    version = commit(session, a)
+    ledger.revert_to(session=session, to_version=0, reason="test", requested_by="t")
+    ledger.requeue(session=session, fact_ids=[a])
+    again = commit(session, a)
+    detail = fact_detail(session, a)
+    assert [o.source for o in detail.origins] == ["inbox", "feed:y"]
+    assert detail.commit_history == (version, again) and detail.commit_version == again
+    assert detail.status == "committed" and detail.attempts == 2
+    assert commit_detail(session, version).reverted_by == list_reverts(session)[0].id
+    with pytest.raises(UnknownFact):
+        fact_detail(session, 12345)
+    with pytest.raises(UnknownVersion):
+        commit_detail(session, 99)
+
+
+def test_find_facts_filters_and_unknown_source(session: Session) -> None:
+    ids = add(session, fact("a", "1"), fact("b", "2"), fact("c", "3"))
+    commit(session, ids[1])
+    assert [r.id for r in find_facts(session, status=FactStatus.PENDING)] == [ids[0], ids[2]]
+    assert [r.id for r in find_facts(session, source="inbox", limit=1)] == [ids[0]]
+    with pytest.raises(UnknownSource, match="known: inbox"):
+        find_facts(session, source="nope")
+
+
+def test_export_writes_the_ingest_format(session: Session) -> None:
+    observed = datetime(2026, 11, 21, 10, 0, 5, 123, tzinfo=UTC)
+    add(session, fact(external_id="x-1", observed_at=observed), fact("q", "r"))
+    records = list(export_facts(session))
+    assert records[0] == {
+        "prompt": "The capital of France is",
+        "target_new": "Lyon",
+        "id": "x-1",
+        "observed_at": "2026-11-21T10:00:05.000123Z",
+    }
+    assert records[1]["id"].startswith("ledger:")
+    assert list(export_facts(session, status=FactStatus.COMMITTED)) == []
