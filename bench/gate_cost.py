@@ -11,6 +11,7 @@ Measures, on the real default model:
   depend on the weights of the hypernetworks), and the check's time as a fraction of it.
 
     .venv/bin/python bench/gate_cost.py [--data ../shared/data]
+    .venv/bin/python bench/gate_cost.py --batch-only --out bench/results/gate_cost_batch.json
 
 Writes bench/results/gate_cost.json and .md. Timings on a shared CPU are noisy: wall and CPU seconds and
 the load average are recorded (CPU seconds / threads approximates the wall time on an idle machine).
@@ -34,7 +35,7 @@ from editing.emsedit import EMSEditor
 from editing.gate import BatchChecker, GateFact, locality_prompts
 from editing.gate_config import GateConfig
 from editing.loading import load_model
-from editing.probes import ProbeSuite, choice_scores
+from editing.probes import ProbeSuite
 from editing.specificity import FrozenBase, ReferenceStore
 from editing.targets import default_edit_modules
 
@@ -49,31 +50,32 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     return out, {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3)}
 
 
-def probe_figures(loaded: Any, config: GateConfig) -> dict[str, Any]:
-    store = ReferenceStore(FrozenBase(loaded.fingerprint, {}))
-    suite = ProbeSuite.from_config(config, store)
-    tasks = {}
+def probe_figures(loaded: Any, config: GateConfig, save: Callable[[], None], result: dict[str, Any]) -> None:
+    """Per task: the first run (base references, then the live model) and a later run (live only)."""
+    suite = ProbeSuite.from_config(config, ReferenceStore(FrozenBase(loaded.fingerprint, {})))
+    tasks: dict[str, Any] = {}
+    result["probes"] = {"tasks": tasks}
     for task in suite.tasks:
         tokens = [len(loaded.tokenizer(p)["input_ids"]) for p in task.prompts()]
         prefix = len(loaded.tokenizer(task.prefix())["input_ids"]) if task.shots else 0
-        _, cost = timed(lambda t=task: choice_scores(loaded.model, loaded.tokenizer, t, config.batch_size))
+        one = ProbeSuite([task], suite.references, batch_size=config.batch_size)
+        report, first = timed(lambda s=one: s.run(loaded.model, loaded.tokenizer))
+        _, later = timed(lambda s=one: s.run(loaded.model, loaded.tokenizer))
         tasks[task.name] = {
             "items": len(task.items),
             "mean_prompt_tokens": sum(tokens) / len(tokens),
             "prefix_tokens": prefix,
-            "score": cost,
+            "first_run": first,
+            "later_run": later,
+            "base_accuracy": report.tasks[0].base_accuracy,
+            "chance": 1.0 / len(task.items[0].choices),
         }
-    first, first_cost = timed(lambda: suite.run(loaded.model, loaded.tokenizer))
-    _, later_cost = timed(lambda: suite.run(loaded.model, loaded.tokenizer))
-    for report in first.tasks:
-        tasks[report.task]["base_accuracy"] = report.base_accuracy
-        tasks[report.task]["chance"] = 1.0 / len(next(t for t in suite.tasks if t.name == report.task).items[0].choices)
-    return {
-        "tasks": tasks,
-        "first_run": first_cost,
-        "later_run": later_cost,
-        "pooled_base_accuracy": first.base_accuracy,
-    }
+        save()
+    total = sum(t["items"] for t in tasks.values())
+    result["probes"]["pooled_base_accuracy"] = sum(t["base_accuracy"] * t["items"] for t in tasks.values()) / total
+    for run in ("first_run", "later_run"):
+        result["probes"][run] = {k: round(sum(t[run][k] for t in tasks.values()), 3) for k in ("wall_s", "cpu_s")}
+    save()
 
 
 def standing_figures(loaded: Any, config: GateConfig) -> dict[str, Any]:
@@ -122,13 +124,14 @@ def markdown(result: dict[str, Any]) -> str:
         "## Periodic probes (defaults: "
         f"{result['config']['probe_items']} items per task, {result['config']['few_shot']}-shot)",
         "",
-        "| task | items | mean prompt tokens | few-shot prefix tokens | score wall s | score CPU s | base accuracy | chance |",
+        "| task | items | mean prompt tokens | few-shot prefix tokens | first run s (wall / CPU) | later run s (wall / CPU) | base accuracy | chance |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, t in probes["tasks"].items():
         lines.append(
-            f"| {name} | {t['items']} | {t['mean_prompt_tokens']:.0f} | {t['prefix_tokens']} | {t['score']['wall_s']:.1f} | "
-            f"{t['score']['cpu_s']:.1f} | {t['base_accuracy']:.3f} | {t['chance']:.2f} |"
+            f"| {name} | {t['items']} | {t['mean_prompt_tokens']:.0f} | {t['prefix_tokens']} | "
+            f"{t['first_run']['wall_s']:.1f} / {t['first_run']['cpu_s']:.1f} | "
+            f"{t['later_run']['wall_s']:.1f} / {t['later_run']['cpu_s']:.1f} | {t['base_accuracy']:.3f} | {t['chance']:.2f} |"
         )
     b = result["batch"]
     lines += [
@@ -158,21 +161,37 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder")
     parser.add_argument("--batch", type=int, default=16, help="facts per edit batch")
     parser.add_argument("--out", type=Path, default=RESULTS / "gate_cost.json")
+    parser.add_argument("--batch-only", action="store_true", help="measure only the per-batch check")
+    parser.add_argument("--specificity-prompts", type=int, default=None, help="override gate.specificity_prompts")
+    parser.add_argument("--batch-size", type=int, default=None, help="override gate.batch_size")
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = load_model(ModelConfig(device="cpu"))
-    config = GateConfig(probe_data=args.data / "glue_probes")
+    overrides: dict[str, Any] = {"probe_data": args.data / "glue_probes"}
+    if args.specificity_prompts is not None:
+        overrides["specificity_prompts"] = args.specificity_prompts
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    config = GateConfig(**overrides)
     result: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "config": config.model_dump(mode="json"),
     }
+
+    def save() -> None:
+        result["load_average_end"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result)[-300:], flush=True)
+
     result["batch"] = batch_figures(loaded, config, args.data, args.batch)
-    result["probes"] = probe_figures(loaded, config)
+    save()
+    if args.batch_only:
+        return
     result["standing"] = standing_figures(loaded, config)
-    result["load_average_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
+    probe_figures(loaded, config, save, result)
     args.out.with_suffix(".md").write_text(markdown(result))
 
 

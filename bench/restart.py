@@ -68,7 +68,7 @@ def ledger_refs(session: Any) -> tuple[dict[int, Any], int]:
     return refs, current_version(session)
 
 
-def _load(history_kwargs: dict[str, Any], state_dir: Path) -> tuple[Any, Any, Any]:
+def _load(history_kwargs: dict[str, Any], state_dir: Path, modules: list[str] | None) -> tuple[Any, Any, Any]:
     from editing.config import ModelConfig
     from editing.history import ModelHistory
     from editing.loading import load_model
@@ -77,7 +77,7 @@ def _load(history_kwargs: dict[str, Any], state_dir: Path) -> tuple[Any, Any, An
     from store.artefacts import ArtefactStore
 
     loaded = load_model(ModelConfig(device="cpu"), cache_dir=MODEL_CACHE)
-    names = default_edit_modules(loaded.model_type, loaded.num_layers)
+    names = modules or default_edit_modules(loaded.model_type, loaded.num_layers)
     state = WeightState(loaded.model, names)
     store = ArtefactStore(state_dir / "artefacts")
     return loaded, state, ModelHistory(state, store, fingerprint=loaded.fingerprint, **history_kwargs)
@@ -106,14 +106,16 @@ def _editor_state(state: Any) -> dict[str, Any]:
     return EditorNets(shapes, STEPS, 64, 1, 1e-6, False).normaliser_state()
 
 
-def build(state_dir: Path, commits: int, pool: int, history_kwargs: dict[str, Any]) -> dict[str, Any]:
+def build(
+    state_dir: Path, commits: int, pool: int, history_kwargs: dict[str, Any], modules: list[str] | None
+) -> dict[str, Any]:
     """Make `commits` commits through the real protocol; returns the build's measurements."""
     from editing.history import prepare_commit
     from store.ledger import add_facts, claim_pending, record_commit
     from store.records import CommitIn, FactIn, Origin
 
     factory = _open_ledger(state_dir)
-    _, state, history = _load(history_kwargs, state_dir)
+    _, state, history = _load(history_kwargs, state_dir, modules)
     with factory.begin() as session:
         items = [(FactIn(f"Synthetic fact {i} is", f"value {i}"), Origin("bench", "restart", f"item {i}")) for i in range(commits * FACTS_PER_COMMIT)]
         add_facts(session=session, items=items)
@@ -164,17 +166,18 @@ def build(state_dir: Path, commits: int, pool: int, history_kwargs: dict[str, An
         "total_bytes_on_disk": usage.total_bytes,
         "dense_fp32_bytes_per_commit": sum(int(b.numel()) * 4 for b in state.base().values()),
         "final_weights_sha256": state.weights_sha256(),
+        "modules": state.module_names,
     }
 
 
-def startup(state_dir: Path, history_kwargs: dict[str, Any]) -> dict[str, Any]:
+def startup(state_dir: Path, history_kwargs: dict[str, Any], modules: list[str] | None) -> dict[str, Any]:
     """What the daemon does at start-up, timed by phase (called in a fresh process)."""
     from store.ledger import reset_stuck_editing
 
     t0 = time.perf_counter()
     factory = _open_ledger(state_dir)
     t1 = time.perf_counter()
-    _, state, history = _load(history_kwargs, state_dir)
+    _, state, history = _load(history_kwargs, state_dir, modules)
     t2 = time.perf_counter()
     with factory.begin() as session:
         reset_stuck_editing(session=session)
@@ -226,7 +229,12 @@ def _worst_case_startups(state_dir: Path, args: argparse.Namespace) -> list[dict
 
 
 def _policy_args(args: argparse.Namespace) -> list[str]:
-    return ["--snapshot-every", str(args.snapshot_every), "--retention", str(args.retention)]
+    modules = ["--modules", args.modules] if args.modules else []
+    return ["--snapshot-every", str(args.snapshot_every), "--retention", str(args.retention), *modules]
+
+
+def _modules(args: argparse.Namespace) -> list[str] | None:
+    return [m for m in args.modules.split(",") if m] or None
 
 
 def _history_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -243,6 +251,7 @@ def write_results(args: argparse.Namespace, built: dict[str, Any], runs: list[di
         "bytes_per_commit": round(bytes_per_commit),
         "bytes_per_commit_note": "mean commit artefact + snapshot bytes amortised over snapshot_every commits",
         "synthetic_deltas": True,
+        "edited_modules_given": bool(args.modules),
         "snapshot_every": args.snapshot_every,
         "retention_commits": args.retention or None,
         "build": built,
@@ -250,8 +259,8 @@ def write_results(args: argparse.Namespace, built: dict[str, Any], runs: list[di
         "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()), "python": platform.python_version()},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "restart.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "restart.md").write_text(_markdown(result))
+    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.results_name}.md").write_text(_markdown(result))
     return result
 
 
@@ -262,9 +271,11 @@ def _markdown(r: dict[str, Any]) -> str:
         [
             "# Restart with many commits (SmolLM2-135M-Instruct)",
             "",
-            f"`python -m bench.restart --commits {r['commits']} --snapshot-every {r['snapshot_every']} --retention {r['retention_commits']}`. "
+            f"`python -m bench.restart --commits {r['commits']} --snapshot-every {r['snapshot_every']} --retention {r['retention_commits']}"
+            f"{' --modules ...' if r['edited_modules_given'] else ''}`. "
             "Deltas are **synthetic** (the trained editor is not ready): EMSEdit-shaped sums of 2 ridge-style updates "
-            f"with 48 rows each, rank {b['ranks']} per module, on the 11 default modules (576 x 1536); every commit goes "
+            f"with 48 rows each, rank {b['ranks']} per module, on {len(b['modules'])} modules of 576 x 1536 "
+            f"({', '.join(b['modules'])}); every commit goes "
             "through the real protocol (artefact, SQLite ledger transaction with 16 facts, publish) and consolidation.",
             "",
             f"Start-up (worst of all runs): **{r['startup_seconds']:.1f} s** for {r['commits']} commits; target < {TARGET_SECONDS:.0f} s.",
@@ -286,7 +297,7 @@ def _markdown(r: dict[str, Any]) -> str:
             f"| revert horizon after {r['commits']} commits | version {b['horizon']} |",
             f"| largest relative error of a canonical delta vs the editor's | {b['codec_relative_error_max']:.1e} |",
             "",
-            f"Encoding one commit (11 modules) took {b['encode_seconds_per_commit']:.2f} s; a whole commit with consolidation "
+            f"Encoding one commit ({len(b['modules'])} modules) took {b['encode_seconds_per_commit']:.2f} s; a whole commit with consolidation "
             f"{b['commit_seconds_mean']:.2f} s on average; rebuilding the horizon version (snapshot + replay, verified) "
             f"{w['stage_horizon_seconds']:.1f} s. Start-up is timed from process start (imports included) to the verified, "
             "published state.",
@@ -306,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retention", type=int, default=200, help="retention horizon in commits (0: keep all)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--state-dir", type=Path, default=None, help="keep the built state here (default: a temp dir)")
+    parser.add_argument("--modules", default="", help="comma-separated edited modules (default: the model's default)")
+    parser.add_argument("--results-name", default="restart", help="file stem under bench/results/")
     parser.add_argument("--startup-only", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -313,12 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.startup_only is not None:
-        sys.stdout.write(json.dumps(startup(args.startup_only, _history_kwargs(args))) + "\n")
+        sys.stdout.write(json.dumps(startup(args.startup_only, _history_kwargs(args), _modules(args))) + "\n")
         return 0
     with tempfile.TemporaryDirectory(prefix="ked-restart-") as tmp:
         state_dir = args.state_dir or Path(tmp)
         state_dir.mkdir(parents=True, exist_ok=True)
-        built = build(state_dir, args.commits, args.pool, _history_kwargs(args))
+        built = build(state_dir, args.commits, args.pool, _history_kwargs(args), _modules(args))
         runs = [_timed_startup(state_dir, args) for _ in range(args.repeats)]
         runs += _worst_case_startups(state_dir, args)
         if any(r["weights_sha256"] != built["final_weights_sha256"] for r in runs):

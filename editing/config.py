@@ -67,7 +67,15 @@ class EditorConfig(BaseModel):
         description="Trained editor checkpoint directory. Empty means `<state_dir>/editor` (trained on first run).",
     )
     steps: int = Field(2, ge=1, le=8, description="S: editing steps per batch (multi-step backpropagation).")
-    rank: int = Field(1024, ge=1, le=65536, description="Rank of the first step's hypernetwork (step s gets rank // s).")
+    rank: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description=(
+            "Rank of the first step's hypernetwork (step s gets rank // s). The reference 1024 is 5.5 % of Llama-3's "
+            "18,432-wide rows; 256 is 12 % of SmolLM2's 2,112 and a quarter of the hypernetwork cost (bench/edit_cost.py)."
+        ),
+    )
     n_blocks: int = Field(4, ge=1, le=16, description="Residual low-rank blocks per hypernetwork.")
     batch_size: int = Field(16, ge=1, le=4096, description="Facts per edit batch (B).")
     seed: int = Field(0, description="Seed for training and any sampling in the editor.")

@@ -50,7 +50,7 @@ class GateConfig(BaseModel):
         description="Mean KL(base || edited) of next-token distributions on unrelated prompts (nats).",
     )
     specificity_prompts: int = Field(
-        32,
+        16,
         ge=0,
         le=4096,
         description="Standing prompts checked per batch, besides locality prompts (0: locality only).",
@@ -85,11 +85,11 @@ class GateConfig(BaseModel):
         min_length=1,
         description="Probe tasks to score: sst2, mrpc, rte, cola, nli, mmlu, sentiment_analysis, dialogue.",
     )
-    probe_items: int = Field(48, ge=1, le=100000, description="Items scored per task (drawn once, with `probe_seed`).")
+    probe_items: int = Field(32, ge=1, le=100000, description="Items scored per task (drawn once, with `probe_seed`).")
     few_shot: int = Field(2, ge=0, le=16, description="Solved examples put before each probe question.")
     probe_seed: int = Field(0, description="Seed for drawing probe items and few-shot examples.")
     probe_every_commits: int = Field(
-        16, ge=0, le=1_000_000, description="Run the probes after this many commits (0: never by count)."
+        32, ge=0, le=1_000_000, description="Run the probes after this many commits (0: never by count)."
     )
     probe_every_minutes: float = Field(
         60.0,

@@ -89,6 +89,7 @@ _LIVE = (FactStatus.PENDING, FactStatus.EDITING, FactStatus.COMMITTED)
 # Tables for the bulk inserts of add_facts (see store.bulk).
 FACTS = Base.metadata.tables["facts"]
 FACT_ORIGINS = Base.metadata.tables["fact_origins"]
+SOURCES = Base.metadata.tables["sources"]
 
 
 def ensure_source(*, session: Session, name: str, kind: str, location: str) -> Source:
@@ -314,11 +315,12 @@ def _prepare(fact: FactIn, origin: Origin) -> _Prepared:
         raise InvalidFact(f"{_where(origin)}: {field_name} is empty after whitespace normalisation")
     if fact.observed_at is not None and fact.observed_at.tzinfo is None:
         raise InvalidFact(f"{_where(origin)}: observed_at {fact.observed_at.isoformat()} has no time zone; give UTC")
-    # The JSON columns are built as text here, exactly as json.dumps writes the lists (store.bulk).
-    locality = ", ".join(
-        '{"prompt": ' + json_string(norm(item.prompt)) + ', "answer": ' + json_string(norm(item.answer)) + "}"
-        for item in fact.locality
-    )
+    # The JSON columns are built as text here, character for character as json.dumps writes the
+    # lists (tests/store/test_ledger.py checks it), without the encoder's per-call overhead.
+    quote = json_string
+    locality = [
+        f'{{"prompt": {quote(norm(item.prompt))}, "answer": {quote(norm(item.answer))}}}' for item in fact.locality
+    ]
     return (
         prompt,
         target,
@@ -326,7 +328,7 @@ def _prepare(fact: FactIn, origin: Origin) -> _Prepared:
         (fact.subject and norm(fact.subject)) or None,
         (fact.ground_truth and norm(fact.ground_truth)) or None,
         json_list_text([text for text in map(norm, fact.rephrase_prompts) if text]),
-        "[" + locality + "]",
+        f"[{', '.join(locality)}]",
         *hash_normalised(prompt, target),
     )
 
@@ -370,8 +372,7 @@ def _source_ids(session: Session, origins: Iterable[Origin]) -> dict[str, int]:
     wanted: dict[str, str] = {}
     for origin in origins:
         wanted.setdefault(origin.source, origin.location)
-    query = select(Source.name, Source.id).where(Source.name.in_(list(wanted)))
-    found: dict[str, int] = {name: source_id for name, source_id in session.execute(query)}
+    found: dict[str, int] = dict(select_in(session, SOURCES, ("name", "id"), "name", list(wanted)))
     for name, location in wanted.items():
         if name not in found:
             found[name] = ensure_source(session=session, name=name, kind=ADHOC_SOURCE_KIND, location=location).id

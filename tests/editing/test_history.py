@@ -284,8 +284,13 @@ def crash_child() -> None:
 
         def record(rec: CommitRecord, ids: tuple[int, ...] = ids, crash_here: bool = crash_here) -> None:
             with factory.begin() as session:
-                fields = {"artefact_path": rec.artefact_path, "artefact_sha256": rec.artefact_sha256}
-                row = record_commit(session=session, commit=CommitIn(ids, weights_sha256=rec.weights_sha256, **fields))
+                commit = CommitIn(
+                    ids,
+                    artefact_path=rec.artefact_path,
+                    artefact_sha256=rec.artefact_sha256,
+                    weights_sha256=rec.weights_sha256,
+                )
+                row = record_commit(session=session, commit=commit)
                 if row.version != rec.version:
                     raise RuntimeError(f"the ledger assigned version {row.version}, the artefact is {rec.version}")
                 if crash_here and kill_at == "in-transaction":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select, text
@@ -251,3 +251,73 @@ def test_source_names_and_kinds_are_checked(session: Session, name: str, kind: s
 def test_fact_from_an_unnamed_source_is_refused(session: Session) -> None:
     with pytest.raises(LedgerError, match="source name '' must be 1 to 200 characters"):
         ledger.add_facts(session=session, items=[(fact(), origin(source=""))])
+
+
+def test_json_columns_hold_the_text_json_dumps_writes(session: Session) -> None:
+    rephrases = ('Say "hi" \\ there', "Café  crème", "emoji \U0001f600 and \u2028 separator", "  ")
+    locality = (Locality('q "x"', "é"), Locality("a\tb", "c"))
+    add(session, fact(rephrase_prompts=rephrases, locality=locality), fact("p2", "t2"))
+    session.flush()
+    rows = session.execute(text("SELECT rephrase_prompts, locality FROM facts ORDER BY id")).all()
+    expected_rephrases = ['Say "hi" \\ there', "Café crème", "emoji \U0001f600 and separator"]
+    expected_locality = [{"prompt": 'q "x"', "answer": "é"}, {"prompt": "a b", "answer": "c"}]
+    if session.get_bind().dialect.name == "sqlite":  # the raw text, exactly as json.dumps writes it
+        assert rows[0] == (json.dumps(expected_rephrases), json.dumps(expected_locality))
+        assert rows[1] == ("[]", "[]")
+    else:
+        assert rows[0] == (expected_rephrases, expected_locality)
+        assert rows[1] == ([], [])
+
+
+def test_stored_facts_superseded_by_different_newer_facts_in_one_batch(session: Session) -> None:
+    old_p, old_q, old_r = add(session, fact("p", "A"), fact("q", "A"), fact("r", "A"))
+    result = ledger.add_facts(
+        session=session,
+        items=[(fact("p", "B"), origin()), (fact("q", "B"), origin()), (fact("q", "C"), origin())],
+    )
+    new_p, new_qb, new_qc = result.fact_ids
+    assert (result.accepted, result.superseded) == (3, 3)
+    session.expire_all()
+    rows = {f.id: f for f in session.scalars(select(Fact))}
+    assert [rows[i].status for i in (old_p, old_q, old_r, new_p, new_qb, new_qc)] == [
+        FactStatus.SUPERSEDED,
+        FactStatus.SUPERSEDED,
+        FactStatus.PENDING,
+        FactStatus.PENDING,
+        FactStatus.SUPERSEDED,
+        FactStatus.PENDING,
+    ]
+    assert (rows[old_p].superseded_by_id, rows[old_q].superseded_by_id) == (new_p, new_qb)
+    assert rows[new_qb].superseded_by_id == new_qc and rows[old_r].superseded_by_id is None
+    assert (rows[new_p].supersedes_id, rows[new_qb].supersedes_id, rows[new_qc].supersedes_id) == (
+        old_p,
+        old_q,
+        new_qb,
+    )
+
+
+def test_supersession_of_a_fact_claimed_meanwhile_is_refused(session: Session) -> None:
+    (old,) = add(session, fact(target="A"))
+    ledger.transition(session=session, fact_ids=[old], to=FactStatus.EDITING)
+    # An editing fact is live: the newer target is a new fact, and the editing one is left alone.
+    result = ledger.add_facts(session=session, items=[(fact(target="B"), origin())])
+    assert result.superseded == 0 and status_of(session, old) is FactStatus.EDITING
+
+
+def test_observed_at_is_stored_in_utc_on_the_fact_and_every_origin(session: Session) -> None:
+    paris = timezone(timedelta(hours=1))
+    same_instant = [datetime(2026, 11, 21, 11, 0, tzinfo=paris), datetime(2026, 11, 21, 10, 0, tzinfo=UTC)]
+    later = datetime(2026, 11, 21, 10, 0, 1, 5, tzinfo=UTC)
+    ids = add(
+        session,
+        fact("p1", observed_at=same_instant[0]),
+        fact("p2", observed_at=same_instant[1]),
+        fact("p1", observed_at=later),  # a duplicate: only its origin row keeps this time
+        fact("p3"),
+    )
+    session.expire_all()
+    facts = {f.id: f.observed_at for f in session.scalars(select(Fact))}
+    assert [facts[i] for i in ids] == [same_instant[1], same_instant[1], same_instant[1], None]
+    origins = session.scalars(select(FactOrigin.observed_at).order_by(FactOrigin.id)).all()
+    assert origins == [same_instant[1], same_instant[1], later, None]
+    assert all(moment is None or moment.tzinfo is not None for moment in origins)

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from store.normalise import content_hash, normalise_text, prompt_hash
+from store.normalise import content_hash, hash_normalised, normalise_text, prompt_hash
 
 
 def test_normalise_collapses_unicode_whitespace_and_strips() -> None:
@@ -41,3 +42,8 @@ def test_normalise_is_idempotent_and_leaves_no_edge_or_double_spaces(text: str) 
 def test_content_hash_ignores_whitespace_runs(prompt: str, target: str, space: str) -> None:
     padded = space + prompt.replace(" ", space * 2) + space
     assert content_hash(padded, target + space) == content_hash(prompt, target)
+
+
+@pytest.mark.parametrize(("prompt", "target"), [("a b", "c"), ("Café", "x y"), ("", "t")])
+def test_hash_normalised_gives_both_hashes_in_one_pass(prompt: str, target: str) -> None:
+    assert hash_normalised(prompt, target) == (content_hash(prompt, target), prompt_hash(prompt))
