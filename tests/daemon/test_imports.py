@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +51,16 @@ def test_importing_every_module_does_no_work(tmp_path: Path) -> None:
     assert report["threads"] == 1
     assert report["models"] == []
     assert list(tmp_path.iterdir()) == []  # nothing written to the working directory
-    expected = {info.name for p in PACKAGES for info in pkgutil.iter_modules([str(REPO_ROOT / p)])}
-    assert expected, "no modules found"
-    assert len(report["modules"]) >= len(PACKAGES)
+    assert set(report["modules"]) == _modules_on_disk()
+
+
+def _modules_on_disk() -> set[str]:
+    """Every importable module of the packages, found from the files (not by importing them)."""
+    names = set()
+    for package in PACKAGES:
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+            if parts[-1] == "__main__" or parts[:2] == ("migrations", "versions") or parts == ("migrations", "env"):
+                continue
+            names.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
