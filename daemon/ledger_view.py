@@ -31,6 +31,7 @@ from ingest.documents import read_document
 from ingest.errors import DocumentError
 from ingest.facts import to_outcomes
 from ingest.recording import split
+from ingest.scheduling import is_healthy
 from store import ledger, queries
 from store.commits import current_version
 from store.errors import InvalidFact, LedgerError, UnknownFact, UnknownSource
@@ -100,7 +101,7 @@ class LedgerView:
             facts=summary.by_status,
             rejections=summary.rejections,
             last_commit=commit_out(summary.last_commit) if summary.last_commit else None,
-            sources=[SourceStatus.model_validate(_source_fields(s)) for s in summary.sources],
+            sources=[SourceStatus.model_validate(self._source_fields(s)) for s in summary.sources],
         )
 
     def submit_facts(self, document: bytes, *, origin: str) -> SubmitSummary:
@@ -134,6 +135,13 @@ class LedgerView:
             rejections=[rejection_out(r) for r in rejected],
         )
 
+    def _source_fields(self, view: queries.SourceView) -> dict[str, Any]:
+        fields = asdict(view)
+        fields.pop("location", None)  # may hold credentials in a URL; not shown by the API
+        # Health by the same threshold as the scheduler and the metrics, not the ledger's "no failure yet".
+        fields["healthy"] = is_healthy(view.consecutive_failures, self.ingest)
+        return fields
+
     def reachable(self) -> str | None:
         """None when the ledger answers a trivial query, else why not (for readiness)."""
         try:
@@ -143,9 +151,3 @@ class LedgerView:
             first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
             return f"ledger: not reachable: {first_line}"
         return None
-
-
-def _source_fields(view: queries.SourceView) -> dict[str, Any]:
-    fields = asdict(view)
-    fields.pop("location", None)  # may hold credentials in a URL; not shown by the API
-    return fields

@@ -39,7 +39,7 @@ from editing.targets import default_edit_modules
 from editing.weights import WeightState
 from ingest.scheduling import schedule_sources, source_health
 from store import queries
-from store.db import make_engine, make_read_session_factory, make_session_factory, upgrade_to_head
+from store.db import make_engine, make_read_session_factory, make_session_factory, safe_url, upgrade_to_head
 from store.lock import ModelLock
 from store.work import reset_stuck_editing
 
@@ -119,7 +119,7 @@ class Service:
         self.view = DaemonView(ledger=LedgerView(sessions, settings.ingest, self.metrics), sessions=sessions)
         self.metrics.set_editor_state("missing")
         self.metrics.set_ready(False)
-        log.info("ledger open", url=_safe_url(settings.ledger_url()))
+        log.info("ledger open", url=safe_url(settings.ledger_url()))
 
     def _start_api(self) -> None:
         if not self.settings.api.enabled or self.view is None or self.metrics is None:
@@ -244,10 +244,3 @@ class Service:
             self._lock.release()
         self._lock = None
         log.info("stopped")
-
-
-def _safe_url(url: str) -> str:
-    """A database URL without its password, for logs."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

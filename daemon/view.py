@@ -7,7 +7,6 @@ API calls it from several worker threads at once.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +47,6 @@ class DaemonView:
     editor_detail: str | None = "the edit loop is not part of this build yet"
     paused: bool = False
     stopping: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def readiness(self) -> list[str]:
         reasons = []
@@ -76,7 +74,10 @@ class DaemonView:
             model=None
             if model is None
             else ModelStatus(
-                source=model.source, model_type=model.model_type, fingerprint=model.fingerprint, device=str(model.device)
+                source=model.source,
+                model_type=model.model_type,
+                fingerprint=model.fingerprint,
+                device=str(model.device),
             ),
             editor=EditorStatus(state=self.editor_state, detail=self.editor_detail),  # type: ignore[arg-type]
             ledger=self.ledger.ledger_status(),
@@ -120,9 +121,13 @@ class DaemonView:
         try:
             with self.sessions.begin() as session:
                 if to_version is not None:
-                    revert = commits.revert_to(session=session, to_version=to_version, reason=reason, requested_by=requested_by)
+                    revert = commits.revert_to(
+                        session=session, to_version=to_version, reason=reason, requested_by=requested_by
+                    )
                 else:
-                    revert = commits.revert_last(session=session, count=last or 1, reason=reason, requested_by=requested_by)
+                    revert = commits.revert_last(
+                        session=session, count=last or 1, reason=reason, requested_by=requested_by
+                    )
                 result = RevertResult(
                     revert_id=revert.id,
                     from_version=revert.from_version,

@@ -196,6 +196,11 @@ def schedule_sources(
     return added
 
 
+def is_healthy(consecutive_failures: int, config: IngestConfig) -> bool:
+    """The one rule for a source's health: unhealthy from `unhealthy_after_failures` failures in a row."""
+    return consecutive_failures < config.unhealthy_after_failures
+
+
 def source_health(session: Session, config: IngestConfig) -> list[SourceHealth]:
     """Every source in the ledger with its health: unhealthy from `unhealthy_after_failures` failures."""
     rows = session.scalars(select(Source).order_by(Source.name))
@@ -203,7 +208,7 @@ def source_health(session: Session, config: IngestConfig) -> list[SourceHealth]:
         SourceHealth(
             name=row.name,
             kind=row.kind,
-            healthy=row.consecutive_failures < config.unhealthy_after_failures,
+            healthy=is_healthy(row.consecutive_failures, config),
             consecutive_failures=row.consecutive_failures,
             last_error=row.last_error,
             last_success_at=row.last_success_at,

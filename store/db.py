@@ -43,7 +43,7 @@ def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30000, sqlite_cache_m
         try:
             return create_engine(parsed, pool_pre_ping=True)
         except (ArgumentError, ImportError) as exc:
-            raise LedgerUnavailable(f"cannot use ledger URL {_safe(url)}: {exc}") from None
+            raise LedgerUnavailable(f"cannot use ledger URL {safe_url(url)}: {exc}") from None
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed, connect_args={"timeout": sqlite_busy_timeout_ms / 1000})
@@ -150,10 +150,11 @@ def _connect(engine: Engine) -> Connection:
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise LedgerUnavailable(
-            f"cannot connect to the ledger at {_safe(engine.url)}: {reason}; check `store.url` "
+            f"cannot connect to the ledger at {safe_url(engine.url)}: {reason}; check `store.url` "
             "(KED_STORE__URL) and that the database server is running"
         ) from None
 
 
-def _safe(url: str | URL) -> str:
+def safe_url(url: str | URL) -> str:
+    """A database URL with its password hidden, for messages and logs."""
     return make_url(url).render_as_string(hide_password=True)
