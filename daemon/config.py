@@ -80,6 +80,49 @@ class ApiConfig(BaseModel):
     )
 
 
+class EditLoopConfig(BaseModel):
+    """The edit loop: when pending facts become an edit batch, and first-run training of the editor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Edit pending facts into the model. False: ingest and serve only.")
+    min_batch: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="M: edit as soon as this many facts are pending (a batch takes up to [editor] batch_size).",
+    )
+    max_wait_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        le=86400.0,
+        description="T: edit fewer than `min_batch` facts once the oldest pending one has waited this long.",
+    )
+    poll_seconds: float = Field(
+        1.0, gt=0.0, le=3600.0, description="How often the loop looks for work (pending facts, revert requests)."
+    )
+    train_if_missing: bool = Field(
+        True,
+        description="When no trained editor exists for the model, train one at start-up (editing waits for it). "
+        "False: stay unready until `python -m editing.train` has written one.",
+    )
+    training_data: str = Field(
+        "synthetic:1000",
+        description="Data for first-run training: synthetic:N (built-in counterfactual facts), zsre:PATH, "
+        "counterfact:PATH or examples:PATH.",
+    )
+    training_batches: int = Field(
+        32, ge=1, le=100000, description="Training edit batches of first-run training ([editor] batch_size facts each)."
+    )
+    stop_timeout_seconds: float = Field(
+        60.0,
+        gt=0.0,
+        le=3600.0,
+        description="On stop, how long to wait for the in-flight batch to finish or roll back before exiting anyway "
+        "(nothing is lost: an unfinished batch goes back to pending at the next start).",
+    )
+
+
 class MetricsConfig(BaseModel):
     """Prometheus metrics."""
 
@@ -123,6 +166,7 @@ class Settings(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The language model.")  # type: ignore[arg-type]
     editor: EditorConfig = Field(default_factory=EditorConfig, description="The EMSEdit editor.")  # type: ignore[arg-type]
     gate: GateConfig = Field(default_factory=GateConfig, description="The commit gate.")  # type: ignore[arg-type]
+    edit_loop: EditLoopConfig = Field(default_factory=EditLoopConfig, description="The edit loop.")  # type: ignore[arg-type]
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Fact sources.")  # type: ignore[arg-type]
     store: StoreConfig = Field(default_factory=StoreConfig, description="The edit ledger.")  # type: ignore[arg-type]
     api: ApiConfig = Field(default_factory=ApiConfig, description="The HTTP API.")  # type: ignore[arg-type]

@@ -1,12 +1,18 @@
-"""Read and steer the edit ledger from the command line (`python -m daemon.ledger`).
+"""Read and steer the edit ledger, and the model state behind it, from the command line (`python -m daemon.ledger`).
 
-Commands: `status`, `log`, `show FACT_ID | vVERSION`, `facts`, `requeue`, `export`, `revert`. Output
-is readable text by default and JSON with `--json`. The schema is upgraded to head before any
-command runs. Exit codes: 0 done, 1 the ledger refused (unknown id or version, illegal status
-change), 2 bad arguments or configuration, 3 the ledger cannot be reached.
+Commands: `status`, `log`, `show FACT_ID | vVERSION`, `facts`, `requeue`, `export`, `revert`,
+`export-model`. Output is readable text by default and JSON with `--json`. The schema is upgraded to
+head before any command runs. Exit codes: 0 done, 1 refused or not carried out (unknown id or
+version, illegal status change, a target beyond the retention horizon, the model held by another
+command, a revert the daemon has not applied within `--wait`, a damaged model state), 2 bad
+arguments or configuration (the configured model cannot be loaded included), 3 the ledger cannot be
+reached.
 
-`revert` records the audit row and moves the facts; restoring the weights is the daemon's job (see
-docs/ledger.md, "Revert").
+`revert` is exact: with the daemon stopped it takes the model lock, rebuilds the target version from
+the artefacts, checks its weights hash and records the revert (`daemon.model_state.revert_model`);
+with the daemon running (it holds the lock) it checks the target, records the revert as a request
+and waits until the daemon has restored the weights. `export-model` needs the model lock, so the
+daemon must be stopped. See docs/ledger.md, "Revert" and "Export a model".
 """
 
 from __future__ import annotations
@@ -17,20 +23,23 @@ import getpass
 import json
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import ConfigError, Settings, add_common_arguments, settings_from_args
 from daemon.logs import configure_logging
+from store import commits as store_commits
 from store import work as store_work
-from store.db import make_engine, make_read_session_factory, make_session_factory, upgrade_to_head
-from store.errors import LedgerError, LedgerUnavailable
-from store.ledger import requeue, revert_last, revert_to
-from store.models import FactStatus
+from store.db import make_engine, make_read_session_factory, make_session_factory, serialise_writers, upgrade_to_head
+from store.errors import LedgerError, LedgerUnavailable, UnknownVersion
+from store.ledger import requeue
+from store.lock import ModelInUse, ModelLock
+from store.models import Commit, FactStatus, Revert
 from store.queries import (
     commit_detail,
     export_facts,
@@ -41,15 +50,29 @@ from store.queries import (
     status_summary,
 )
 
+if TYPE_CHECKING:
+    from store.artefacts import ArtefactStore
+
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 STATUSES = tuple(status.value for status in FactStatus)
 REQUEUEABLE = tuple(status.value for status in store_work.REQUEUEABLE)
 READ_COMMANDS = frozenset({"status", "log", "show", "facts", "export"})
 _SHOW_ARGUMENT = re.compile(r"^(?:(?P<fact>\d+)|v(?P<version>\d+))$")
+#: The purpose the running daemon names when it takes the model lock (daemon/service.py).
+DAEMON_PURPOSE = "daemon"
+OFFLINE_REVERT_PURPOSE = "offline revert"
+EXPORT_PURPOSE = "export-model"
+#: How long `revert` waits by default for the running daemon to restore the weights, and how often it looks.
+DEFAULT_WAIT_SECONDS = 300.0
+POLL_SECONDS = 0.5
 
 
 class UsageError(ValueError):
     """Arguments argparse accepted but that make no sense together."""
+
+
+class Refused(RuntimeError):
+    """A model command that cannot be carried out (exit 1); the message says why and what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="facts as JSONL in the ingest format")
     _add_filters(export)
     export.add_argument("--output", type=Path, default=None, help="write to this file (default: stdout)")
-    revert = commands.add_parser("revert", parents=[common], help="revert commits (audit row and fact states)")
+    revert = commands.add_parser(
+        "revert", parents=[common], help="exact revert: the weights, the audit row and the fact states"
+    )
     target = revert.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", type=_version, dest="to_version", metavar="VERSION", help="version to return to")
     target.add_argument("--last", type=_positive, metavar="N", help="revert the newest N active commits")
     revert.add_argument("--reason", default=None, help="why (kept in the audit trail)")
     revert.add_argument("--requested-by", default=None, help="who asks (default: cli:<user name>)")
+    revert.add_argument(
+        "--wait",
+        type=_seconds,
+        default=DEFAULT_WAIT_SECONDS,
+        metavar="SECONDS",
+        help=f"with the daemon running: how long to wait for it to restore the weights (default {DEFAULT_WAIT_SECONDS:g})",
+    )
+    export_model = commands.add_parser(
+        "export-model", parents=[common], help="write the model at a version as a Hugging Face directory"
+    )
+    export_model.add_argument("--version", type=_version, default=None, help="version to export (default: current)")
+    export_model.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new or empty directory")
     return parser
 
 
@@ -91,6 +128,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _version(text: str) -> int:
@@ -126,7 +173,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"python -m daemon.ledger: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     try:
-        # Read commands never wait for the daemon's writes; requeue and revert take the write lock.
+        if args.command in MODEL_COMMANDS:
+            context = ModelContext(settings, make_session_factory(engine), make_read_session_factory(engine))
+            return _run_model_command(MODEL_COMMANDS[args.command], context, args, sys.stdout)
+        # Read commands never wait for the daemon's writes; requeue takes the write lock.
         factory = make_read_session_factory if args.command in READ_COMMANDS else make_session_factory
         with factory(engine)() as session, session.begin():
             COMMANDS[args.command](session, args, sys.stdout)
@@ -134,7 +184,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except UsageError as exc:
         print(f"python -m daemon.ledger {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except LedgerError as exc:
+    except (LedgerError, Refused) as exc:
         print(f"python -m daemon.ledger {args.command}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     finally:
@@ -229,21 +279,6 @@ def cmd_export(session: Session, args: argparse.Namespace, out: IO[str]) -> None
     print(f"exported {count} fact(s) to {args.output}", file=sys.stderr)
 
 
-def cmd_revert(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
-    who = args.requested_by or f"cli:{_user_name()}"
-    if args.last is not None:
-        audit = revert_last(session=session, count=args.last, reason=args.reason, requested_by=who)
-    else:
-        audit = revert_to(session=session, to_version=args.to_version, reason=args.reason, requested_by=who)
-    if args.json:
-        return _print_json(out, {column: getattr(audit, column) for column in _REVERT_COLUMNS})
-    out.write(
-        f"revert #{audit.id}: v{audit.from_version} -> v{audit.to_version}, {audit.reverted_commits} commit(s) "
-        f"and {audit.reverted_facts} fact(s) reverted; the daemon restores the weights of "
-        f"v{audit.to_version} before its next edit\n"
-    )
-
-
 _REVERT_COLUMNS = (
     "id",
     "requested_at",
@@ -253,6 +288,7 @@ _REVERT_COLUMNS = (
     "requested_by",
     "reverted_commits",
     "reverted_facts",
+    "weights_restored_at",
 )
 
 COMMANDS: dict[str, Callable[[Session, argparse.Namespace, IO[str]], None]] = {
@@ -262,9 +298,255 @@ COMMANDS: dict[str, Callable[[Session, argparse.Namespace, IO[str]], None]] = {
     "facts": cmd_facts,
     "requeue": cmd_requeue,
     "export": cmd_export,
-    "revert": cmd_revert,
 }
 
+
+# --- model commands: they hold the model lock (or defer to the daemon that holds it) --------------
+#
+# The model-state modules import torch (seconds), so they are imported inside these functions: the
+# read commands above stay quick.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelContext:
+    """What a model command works with: the settings, and write and read sessions of the ledger."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]
+
+
+ModelCommand = Callable[[ModelContext, argparse.Namespace, IO[str]], int]
+
+
+def _run_model_command(command: ModelCommand, context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
+    """Run a model command; the model-state errors become Refused (exit 1) or UsageError (exit 2)."""
+    from editing.errors import EditingError, ModelLoadError
+    from editing.export import ExportError
+    from store.artefacts import ArtefactError
+
+    try:
+        return command(context, args, out)
+    except (ModelLoadError, ExportError) as exc:  # the configured model or the output directory
+        raise UsageError(str(exc)) from None
+    except (ArtefactError, EditingError, ModelInUse) as exc:
+        raise Refused(str(exc)) from None
+
+
+def cmd_revert(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
+    """Exact revert: offline when the model lock is free, else a request the running daemon carries out."""
+    who = args.requested_by or f"cli:{_user_name()}"
+    lock = ModelLock(context.settings.state_dir, OFFLINE_REVERT_PURPOSE)
+    try:
+        lock.acquire()
+    except ModelInUse:
+        return _revert_through_daemon(context, args, out, who, lock.holder())
+    try:
+        return _revert_offline(context, args, out, who)
+    finally:
+        lock.release()
+
+
+def _revert_offline(context: ModelContext, args: argparse.Namespace, out: IO[str], who: str) -> int:
+    from daemon.model_state import open_history, revert_model, revert_target
+    from editing.loading import load_model
+
+    began = time.perf_counter()
+    settings = context.settings
+    # Everything that can refuse without the model comes first: loading it takes seconds to minutes.
+    with context.read_sessions() as session:
+        target = revert_target(session, to_version=args.to_version, last=args.last)
+        _check_rebuildable(settings, session, target, "revert to")
+    loaded = load_model(settings.model, cache_dir=settings.model_cache_dir())
+    load_seconds = time.perf_counter() - began
+    history, _ = open_history(settings, loaded, context.sessions)
+    # We hold the model lock, so no one else records commits or carries out reverts meanwhile: the
+    # target checked above is still the one `--last` meant.
+    outcome = revert_model(
+        history, context.sessions, to_version=target, last=None, reason=args.reason, requested_by=who
+    )
+    seconds = time.perf_counter() - began
+    with context.read_sessions() as session:
+        row = _revert_row(session, outcome.revert_id)
+    result = row | {
+        "mode": "offline",
+        "weights_restored": True,
+        "weights_sha256": outcome.weights_sha256,
+        "seconds": round(seconds, 3),
+        "model_load_seconds": round(load_seconds, 3),
+    }
+    if args.json:
+        _print_json(out, result)
+    else:
+        out.write(
+            f"{_revert_summary(row)}; weights of v{target} restored exactly (sha256 {outcome.weights_sha256[:16]}…) "
+            f"in {seconds:.1f} s, {load_seconds:.1f} s of it loading the model (the daemon was not running)\n"
+        )
+    return EXIT_OK
+
+
+def _revert_through_daemon(
+    context: ModelContext, args: argparse.Namespace, out: IO[str], who: str, holder: dict[str, object] | None
+) -> int:
+    from daemon.model_state import revert_target
+
+    purpose = holder.get("purpose") if holder else None
+    if purpose is not None and purpose != DAEMON_PURPOSE:
+        # Only the daemon carries out filed reverts; another offline command would leave the request waiting.
+        raise Refused(
+            f"the model of {context.settings.state_dir} is held by another command ({purpose}, pid "
+            f"{holder.get('pid', '?') if holder else '?'}); try again when it has finished"
+        )
+    with context.sessions.begin() as session:
+        # One transaction: the target is checked against the same ledger state the revert is written to.
+        serialise_writers(session)
+        target = revert_target(session, to_version=args.to_version, last=args.last)
+        _check_rebuildable(context.settings, session, target, "revert to")
+        revert_id = store_commits.revert_to(session=session, to_version=target, reason=args.reason, requested_by=who).id
+    began = time.monotonic()
+    until = f"within {args.wait:g} s"
+    try:
+        restored = _wait_until_restored(context.read_sessions, revert_id, args.wait)
+    except KeyboardInterrupt:  # the revert is recorded either way: say so rather than print a traceback
+        restored, until = False, "before the wait was interrupted"
+    waited = time.monotonic() - began
+    with context.read_sessions() as session:
+        row = _revert_row(session, revert_id)
+    result = row | {"mode": "daemon", "weights_restored": restored, "waited_seconds": round(waited, 3)}
+    if args.json:
+        _print_json(out, result)
+    elif restored:
+        out.write(f"{_revert_summary(row)}; the running daemon restored the weights of v{target} in {waited:.1f} s\n")
+    else:
+        out.write(f"{_revert_summary(row)}; recorded, waiting for the daemon\n")
+    if restored:
+        return EXIT_OK
+    print(
+        f"python -m daemon.ledger revert: the daemon has not restored the weights of v{target} {until}; "
+        f"revert #{revert_id} is recorded and the daemon applies it before its next edit "
+        "(or when it next starts); `python -m daemon.ledger log --json` shows weights_restored_at once done",
+        file=sys.stderr,
+    )
+    return EXIT_REFUSED
+
+
+def _wait_until_restored(read_sessions: sessionmaker[Session], revert_id: int, wait: float) -> bool:
+    """Poll the revert's audit row until the daemon sets weights_restored_at; False after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        with read_sessions() as session:
+            row = session.get(Revert, revert_id)
+            if row is not None and row.weights_restored_at is not None:
+                return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(POLL_SECONDS, left))
+
+
+def _revert_row(session: Session, revert_id: int) -> dict[str, Any]:
+    audit = session.get(Revert, revert_id)
+    if audit is None:
+        raise LedgerError(f"no revert #{revert_id} in the ledger")
+    return {column: getattr(audit, column) for column in _REVERT_COLUMNS}
+
+
+def _revert_summary(row: dict[str, Any]) -> str:
+    return (
+        f"revert #{row['id']}: v{row['from_version']} -> v{row['to_version']}, {row['reverted_commits']} commit(s) "
+        f"and {row['reverted_facts']} fact(s) reverted"
+    )
+
+
+def _check_rebuildable(settings: Settings, session: Session, version: int, action: str) -> None:
+    """Refuse (BeyondHorizon) a version the artefacts left cannot rebuild, naming the horizon; no model needed."""
+    from daemon.model_state import artefact_store, check_rebuildable
+    from store.retention import BeyondHorizon
+
+    store = artefact_store(settings)
+    try:
+        check_rebuildable(store, session, version)
+    except BeyondHorizon as exc:
+        raise BeyondHorizon(
+            f"cannot {action} version {version}: it is beyond the retention horizon; the oldest version that can "
+            f"still be rebuilt is {_horizon(store, session)} (store.retention_commits = "
+            f"{settings.store.retention_commits}, store.snapshot_every = {settings.store.snapshot_every}). "
+            f"Nothing was changed. ({exc})"
+        ) from None
+
+
+def _horizon(store: ArtefactStore, session: Session) -> int:
+    from store.artefacts import ArtefactKind
+    from store.retention import chain_to, horizon
+
+    parents = {version: parent for version, (parent, _, _) in store_commits.commit_parents(session).items()}
+    chain = chain_to(store_commits.current_version(session), parents)
+    return horizon(chain, store.versions(ArtefactKind.SNAPSHOT), store.versions(ArtefactKind.COMMIT))
+
+
+def cmd_export_model(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
+    """Write the model at `--version` (default: current) as a plain Hugging Face directory; needs the model lock."""
+    out_dir: Path = args.out_dir
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(f"{out_dir} exists and is not an empty directory; choose a new directory")
+    lock = ModelLock(context.settings.state_dir, EXPORT_PURPOSE)
+    try:
+        lock.acquire()
+    except ModelInUse:
+        holder = lock.holder() or {}
+        raise Refused(
+            f"the model of {context.settings.state_dir} is held by {holder.get('purpose', 'another process')} "
+            f"(pid {holder.get('pid', '?')}); export-model needs the model itself: stop the daemon first "
+            "(its HTTP API does not export models), or wait for the other command to finish"
+        ) from None
+    try:
+        return _export_model(context, args, out)
+    finally:
+        lock.release()
+
+
+def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
+    from daemon.model_state import commit_refs, open_history
+    from editing.export import export_model
+    from editing.loading import load_model
+
+    began = time.perf_counter()
+    settings = context.settings
+    with context.read_sessions() as session:
+        version = store_commits.current_version(session) if args.version is None else args.version
+        if version != 0 and session.get(Commit, version) is None:
+            raise UnknownVersion(
+                f"no commit with version {version} in the ledger; see `python -m daemon.ledger log` (0 is the base model)"
+            )
+        _check_rebuildable(settings, session, version, "export")
+    loaded = load_model(settings.model, cache_dir=settings.model_cache_dir())
+    history, _ = open_history(settings, loaded, context.sessions)
+    staged = None
+    if version != history.state.version:
+        # Another version than the live one: rebuilt and hash-checked, never published.
+        with context.read_sessions() as session:
+            refs = commit_refs(session)
+        staged, _, _ = history.stage_version(version, refs)
+    info = export_model(loaded, history.state, out_dir=args.out_dir, staged=staged)
+    seconds = time.perf_counter() - began
+    result = {
+        "version": info.version,
+        "out_dir": str(info.out_dir),
+        "weights_sha256": info.weights_sha256,
+        "tensors": info.tensors,
+        "seconds": round(seconds, 3),
+    }
+    if args.json:
+        _print_json(out, result)
+    else:
+        out.write(
+            f"exported v{info.version} (weights sha256 {info.weights_sha256[:16]}…, {info.tensors} tensors) "
+            f"to {info.out_dir} in {seconds:.1f} s\n"
+        )
+    return EXIT_OK
+
+
+MODEL_COMMANDS: dict[str, ModelCommand] = {"revert": cmd_revert, "export-model": cmd_export_model}
 
 # --- rendering ---------------------------------------------------------------------------------
 

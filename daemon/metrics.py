@@ -124,6 +124,9 @@ class Metrics:
             "ked_model_info", "The loaded model (value 1).", ["model_type", "fingerprint"], registry=r
         )
         self.ready = Gauge("ked_ready", "1 when /readyz answers 200, else 0.", registry=r)
+        self.paused = Gauge(
+            "ked_editing_paused", "1 while editing is paused (drift policy or a failed revert), else 0.", registry=r
+        )
 
     def _build_probes(self, r: CollectorRegistry) -> None:
         self.probe_score = Gauge("ked_probe_score_ratio", "Latest score (0..1) of each probe.", ["probe"], registry=r)
@@ -238,6 +241,10 @@ class Metrics:
         """Describe the loaded model (fingerprint shortened to 16 characters)."""
         self.model_info.clear()
         self.model_info.labels(model_type, fingerprint[:16]).set(1)
+
+    def set_paused(self, paused: bool) -> None:
+        """1 while the edit loop is paused."""
+        self.paused.set(1 if paused else 0)
 
     def set_ready(self, ready: bool) -> None:
         """Mirror /readyz: 1 ready, 0 not."""

@@ -1,23 +1,30 @@
 """The daemon's service object and its lifecycle: build from settings, run until told to stop, close.
 
-What runs today: the ledger (migrated to head on start, facts stuck in `editing` put back to
-`pending`), every configured fact source polled by APScheduler, the HTTP API with Prometheus
-metrics, the model with a consistent query path, and a housekeeping job. The edit loop, the commit
-gate and first-run editor training join it in later work (README, "Status"); the service says so in
-its `ready` log line and in /readyz, which stays 503 ("editor: missing") until they do.
+Start-up, in order: the model lock; the ledger (migrated to head, facts left in `editing` by a crash
+put back to `pending`); the HTTP API (answers /healthz at once, /readyz says what is still missing);
+the fact sources and housekeeping on APScheduler; the model, then the model state recovered from the
+artefacts to the ledger's current version (hash verified); then the editor: loaded from its checkpoint,
+or trained on first run in a background thread while ingestion and queries go on. The edit loop
+(`daemon.edit_loop`) runs as a scheduler job once the editor is ready.
 
-Signals: the first SIGTERM/SIGINT asks for a stop at the next safe point (while the model is still
-loading, start-up is abandoned at once); a second one forces the exit.
+Signals: the first SIGTERM/SIGINT asks for a stop: polling stops, the in-flight batch finishes its
+commit or is rolled back at the gate's next try (its facts back to `pending`), training stops after its
+current batch, and the process exits 0 within `[edit_loop] stop_timeout_seconds`. While the model is
+still loading, start-up is abandoned at once. A second signal exits at once (code 1); nothing durable
+is lost either way, because every commit is crash-safe and recovery runs at the next start.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -30,23 +37,25 @@ from sqlalchemy.exc import SQLAlchemyError
 from daemon.api import create_app
 from daemon.api_guards import check_exposure
 from daemon.config import Settings
+from daemon.edit_loop import EditLoop
+from daemon.first_run import TrainingStopped, checkpoint_exists, checkpoint_id, load_editor, train_editor
 from daemon.http_server import HttpServer
 from daemon.ledger_view import LedgerView
 from daemon.metrics import Metrics
+from daemon.model_state import edited_modules, open_history
 from daemon.view import DaemonView
-from editing.loading import load_model
-from editing.targets import default_edit_modules
-from editing.weights import WeightState
+from editing.errors import EditingError
+from editing.loading import LoadedModel, load_model
+from editing.specificity import FrozenBase, ReferenceStore
+from ingest.polling import Poll
 from ingest.scheduling import schedule_sources, source_health
 from store import queries
+from store.artefacts import ArtefactError
 from store.db import make_engine, make_read_session_factory, make_session_factory, safe_url, upgrade_to_head
 from store.lock import ModelLock
 from store.work import reset_stuck_editing
 
 log = structlog.get_logger(__name__)
-
-# What the service does not do yet; in the `ready` line so nobody mistakes it for the full service.
-NOT_YET = ("edit loop", "commit gate", "first-run editor training", "revert of live weights")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HOUSEKEEPING_SECONDS = 15.0
@@ -74,6 +83,8 @@ class Service:
     _server: HttpServer | None = None
     _lock: ModelLock | None = None
     _read_sessions: Any = None
+    edit_loop: EditLoop | None = None
+    _trainer: threading.Thread | None = None
 
     # --- start-up ---------------------------------------------------------------------------------
 
@@ -90,13 +101,15 @@ class Service:
         self._start_scheduler()
         self._load_model()
         self.started = True
+        self._start_editor()
         log.info(
             "ready",
             model_type=self.view.model.model_type if self.view and self.view.model else None,
             fingerprint=self.view.model.fingerprint[:16] if self.view and self.view.model else None,
+            version=self.view.weights.version if self.view and self.view.weights else None,
+            editor=self.view.editor_state if self.view else None,
             api=self._server.url if self._server else None,
             seconds=round(time.monotonic() - began, 2),
-            not_yet_implemented=list(NOT_YET),
         )
 
     def _open_ledger(self) -> None:
@@ -132,7 +145,11 @@ class Service:
         assert self.view is not None
         scheduler = BackgroundScheduler(timezone="UTC")
         jobs = schedule_sources(
-            scheduler, self.settings.ingest, self.view.sessions, drop_folder=self.settings.drop_folder()
+            scheduler,
+            self.settings.ingest,
+            self.view.sessions,
+            drop_folder=self.settings.drop_folder(),
+            observer=self._observe_poll,
         )
         scheduler.add_job(
             self.housekeeping,
@@ -146,16 +163,121 @@ class Service:
         self._scheduler = scheduler
         log.info("sources scheduled", sources=[job.id for job in jobs], drop_folder=str(self.settings.drop_folder()))
 
+    def _observe_poll(self, source: str, poll: Poll, seconds: float, failures: int) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_source_poll(source, ok=poll.failure is None, seconds=seconds, consecutive_failures=failures)
+        tally = poll.tally
+        if tally.accepted or tally.duplicates or tally.rejections:
+            self.metrics.observe_ingest(
+                source,
+                accepted=tally.accepted,
+                duplicates=tally.duplicates,
+                rejection_reasons=[r.reason for r in tally.rejections],
+            )
+
     def _load_model(self) -> None:
         assert self.view is not None and self.metrics is not None
         settings = self.settings
         log.info("loading model", source=settings.model.source, device=settings.model.device)
         loaded = load_model(settings.model, cache_dir=settings.model_cache_dir())
-        names = settings.model.edit_modules or default_edit_modules(loaded.model_type, loaded.num_layers)
-        self.view.weights = WeightState(loaded.model, names)
+        names = edited_modules(settings, loaded)
+        # The base values of the edited weights, taken before recovery publishes any edit: the gate and
+        # the probes compare against them.
+        base = FrozenBase.capture(loaded.model, loaded.fingerprint, [f"{name}.weight" for name in names])
+        references = ReferenceStore(base, settings.state_dir / "references")
+        history, _ = open_history(settings, loaded, self.view.sessions)
+        self.edit_loop = EditLoop(
+            settings, self.view.sessions, history, loaded, references, self.metrics, self.view, self.should_exit
+        )
+        self.view.weights = history.state
         self.view.model = loaded
+        self.view.reverter = self.edit_loop.revert
         self.metrics.set_model_info(model_type=loaded.model_type, fingerprint=loaded.fingerprint)
         self.housekeeping()
+
+    def _start_editor(self) -> None:
+        """Load the trained editor, or train one in the background (first run), then start the edit loop."""
+        assert self.view is not None and self.view.model is not None
+        settings, loaded = self.settings, self.view.model
+        directory = settings.editor_checkpoint()
+        if checkpoint_exists(directory):
+            self._attach_editor(loaded)
+        elif settings.edit_loop.train_if_missing:
+            self._set_editor("training", f"first run: training an editor into {directory}")
+            self._trainer = threading.Thread(target=self._train, args=(loaded,), name="editor-training", daemon=True)
+            self._trainer.start()
+        else:
+            self._set_editor(
+                "missing",
+                f"no editor checkpoint in {directory} and [edit_loop] train_if_missing is false; "
+                "run `python -m editing.train`",
+            )
+        self._schedule_edit_loop(0.0)
+
+    def _schedule_edit_loop(self, delay: float) -> None:
+        # A one-off job that schedules its successor when it ends: a batch may take minutes, and an
+        # interval job would pile up skipped runs (and warnings) behind it.
+        scheduler = self._scheduler
+        if scheduler is None or self.should_exit.is_set():
+            return
+        when = datetime.now(UTC) + timedelta(seconds=delay)
+        scheduler.add_job(self._edit_loop_job, "date", run_date=when, id="edit-loop", replace_existing=True)
+
+    def _edit_loop_job(self) -> None:
+        assert self.edit_loop is not None
+        try:
+            self.edit_loop.tick()
+        except Exception:  # one bad pass must not end editing for the life of the process
+            log.exception("edit loop pass failed")
+        finally:
+            self._schedule_edit_loop(self.settings.edit_loop.poll_seconds)
+
+    def _attach_editor(self, loaded: LoadedModel) -> None:
+        assert self.edit_loop is not None
+        directory = self.settings.editor_checkpoint()
+        try:
+            editor = load_editor(self.settings, loaded, edited_modules(self.settings, loaded))
+            self.edit_loop.attach_editor(editor, checkpoint_id(directory))
+        except (EditingError, ArtefactError, OSError) as exc:
+            log.error("the editor cannot be used", checkpoint=str(directory), error=str(exc))
+            self._set_editor("failed", str(exc))
+            return
+        self._set_editor("ready", None)
+        log.info("editor ready", checkpoint=str(directory))
+
+    def _train(self, loaded: LoadedModel) -> None:
+        assert self.metrics is not None
+        metrics = self.metrics
+
+        def progress(done: int, total: int, loss: float) -> None:
+            metrics.observe_training(step=done, total_steps=total, loss=loss)
+            if self.view is not None:
+                self.view.editor_detail = f"first run: training batch {done} of {total}"
+                self.view.training_progress = min(1.0, done / total) if total else None
+            log.info("editor training", batch=done, batches=total, edit_loss=round(loss, 4))
+
+        try:
+            train_editor(
+                self.settings, loaded, edited_modules(self.settings, loaded), progress=progress, stop=self.should_exit
+            )
+        except TrainingStopped:
+            log.info("editor training stopped; it starts again at the next start")
+            self._set_editor("missing", "training was stopped")
+            return
+        except Exception as exc:  # the daemon stays up (ingesting, answering) and says why it cannot edit
+            log.exception("editor training failed")
+            self._set_editor("failed", f"training failed: {exc}")
+            return
+        self._attach_editor(loaded)
+
+    def _set_editor(self, state: Any, detail: str | None) -> None:
+        if self.view is not None:
+            self.view.editor_state, self.view.editor_detail = state, detail
+        if self.metrics is not None:
+            self.metrics.set_editor_state(state)
+            if self.view is not None:
+                self.metrics.set_ready(not self.view.readiness())
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -188,8 +310,12 @@ class Service:
         # The handler only sets flags; the loop acts on them between units of work.
         if self.should_exit.is_set():
             self.force_exit = True
-            log.warning("second signal: forcing exit", signal=signal.Signals(signum).name)
-            raise SystemExit(1)
+            log.warning("second signal: exiting now", signal=signal.Signals(signum).name)
+            # Worker threads (the edit loop, the API) would keep the interpreter alive; every commit is
+            # crash-safe and recovery runs at the next start, so leaving at once loses nothing.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         log.info("stopping", signal=signal.Signals(signum).name)
         self.should_exit.set()
         if not self.started:
@@ -220,20 +346,40 @@ class Service:
                 except StartupAborted:
                     log.info("stopped during start-up")
                     return 0
+                except (EditingError, ArtefactError) as exc:
+                    # The model state cannot be trusted (another model, a corrupt artefact, a hash that
+                    # does not match): refuse to serve rather than answer from unknown weights.
+                    log.error("cannot start", error=str(exc), kind=type(exc).__name__)
+                    return 1
                 while not self.should_exit.wait(timeout=0.5):
                     pass
             finally:
                 self.close()
         return 0
 
+    def _wait_for_writer(self) -> None:
+        """Let the in-flight batch commit or roll back, and training stop, within the stop timeout."""
+        deadline = time.monotonic() + self.settings.edit_loop.stop_timeout_seconds
+        if self.edit_loop is not None:
+            if self.edit_loop.writer.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                self.edit_loop.writer.release()
+            else:
+                log.warning("the in-flight batch did not finish in time; its facts go back to pending at the next start")
+        if self._trainer is not None:
+            self._trainer.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._trainer.is_alive():
+                log.warning("editor training did not stop in time; it starts again at the next start")
+
     def close(self) -> None:
         """Stop polling and serving, release the ledger and the model lock. Bounded in time."""
         if self.view is not None:
             self.view.stopping = True
+        self.should_exit.set()
         if self._scheduler is not None:
-            # Jobs in flight finish their current transaction or lose it whole; no need to wait for them.
+            # Source polls in flight finish their transaction or lose it whole; no need to wait for them.
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        self._wait_for_writer()
         if self._server is not None:
             self._server.stop()
             self._server = None

@@ -7,7 +7,7 @@ API calls it from several worker threads at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -25,11 +25,12 @@ from daemon.api_models import (
     SubmitSummary,
 )
 from daemon.ledger_view import LedgerView
+from daemon.model_state import RevertOutcome
 from daemon.querying import answer_query
 from daemon.service_view import Conflict, InvalidInput, Unavailable
 from editing.loading import LoadedModel
 from editing.weights import WeightState
-from store import commits
+from store.artefacts import ArtefactError
 from store.errors import LedgerError
 from store.models import FactStatus
 
@@ -44,9 +45,13 @@ class DaemonView:
     model: LoadedModel | None = None
     weights: WeightState | None = None
     editor_state: str = "missing"
-    editor_detail: str | None = "the edit loop is not part of this build yet"
+    editor_detail: str | None = "not loaded yet"
+    training_progress: float | None = None
     paused: bool = False
+    pause_reason: str | None = None
     stopping: bool = False
+    #: The edit loop's exact revert (set once the model state is open); without it reverts are refused.
+    reverter: Callable[..., RevertOutcome] | None = None
 
     def readiness(self) -> list[str]:
         reasons = []
@@ -57,7 +62,7 @@ class DaemonView:
         if self.editor_state != "ready":
             reasons.append(f"editor: {self.editor_state}" + (f" ({self.editor_detail})" if self.editor_detail else ""))
         if self.paused:
-            reasons.append("editing paused")
+            reasons.append("editing paused" + (f" ({self.pause_reason})" if self.pause_reason else ""))
         problem = self.ledger.reachable()
         if problem:
             reasons.append(problem)
@@ -79,7 +84,11 @@ class DaemonView:
                 fingerprint=model.fingerprint,
                 device=str(model.device),
             ),
-            editor=EditorStatus(state=self.editor_state, detail=self.editor_detail),  # type: ignore[arg-type]
+            editor=EditorStatus(
+                state=self.editor_state,  # type: ignore[arg-type]
+                detail=self.editor_detail,
+                training_progress=self.training_progress if self.editor_state == "training" else None,
+            ),
             ledger=self.ledger.ledger_status(),
         )
 
@@ -117,25 +126,18 @@ class DaemonView:
     def request_revert(
         self, *, to_version: int | None, last: int | None, reason: str | None, requested_by: str
     ) -> RevertResult:
-        """Revert in the ledger. Without an edit loop this build never commits, so no weights change."""
+        """Exact revert of the ledger and the live weights together, between two edit batches."""
+        if self.reverter is None:
+            raise Unavailable("the model state is still loading; try again when /readyz no longer says model: loading")
         try:
-            with self.sessions.begin() as session:
-                if to_version is not None:
-                    revert = commits.revert_to(
-                        session=session, to_version=to_version, reason=reason, requested_by=requested_by
-                    )
-                else:
-                    revert = commits.revert_last(
-                        session=session, count=last or 1, reason=reason, requested_by=requested_by
-                    )
-                result = RevertResult(
-                    revert_id=revert.id,
-                    from_version=revert.from_version,
-                    to_version=revert.to_version,
-                    reverted_commits=revert.reverted_commits,
-                    reverted_facts=revert.reverted_facts,
-                    weights_restored=False,
-                )
-        except LedgerError as exc:
+            outcome = self.reverter(to_version=to_version, last=last, reason=reason, requested_by=requested_by)
+        except (LedgerError, ArtefactError) as exc:
             raise Conflict(str(exc)) from None
-        return result
+        return RevertResult(
+            revert_id=outcome.revert_id,
+            from_version=outcome.from_version,
+            to_version=outcome.to_version,
+            reverted_commits=outcome.reverted_commits,
+            reverted_facts=outcome.reverted_facts,
+            weights_restored=True,
+        )

@@ -28,7 +28,7 @@ import torch
 from editing.errors import ModelMismatch
 from editing.lowrank import DeltaCodecStats, decode_delta, encode_deltas
 from editing.weights import StagedWeights, WeightsHashMismatch, WeightState
-from store.artefacts import ArtefactCorrupt, ArtefactKind, ArtefactStore
+from store.artefacts import RESERVED_KEYS, ArtefactCorrupt, ArtefactKind, ArtefactStore
 from store.retention import BeyondHorizon, RebuildPlan, chain_to, horizon, plan_pruning, plan_rebuild, snapshot_due
 
 CODEC = "lowrank-int16-v1"
@@ -164,6 +164,26 @@ class ModelHistory:
         self.store.remove(SNAPSHOT, 0)
         metadata = self._metadata(base) | {"fingerprint": self.fingerprint or ""}
         self.store.write(SNAPSHOT, 0, self._editor_tensors(self._editor_state), metadata)
+
+    def attach_editor(self, editor: EditorStateHolder) -> None:
+        """Give the history its editor once it exists (after `open`/`recover`; e.g. after first-run training).
+
+        The editor takes the statistics the live version was recovered with. When no artefact held any
+        (nothing was committed with this editor yet), the editor's own statistics become the genesis's,
+        so that a revert to version 0 also restores them exactly.
+        """
+        self.editor = editor
+        if self._editor_state:
+            editor.load_normaliser_state(dict(self._editor_state))
+            return
+        self._editor_state = editor.normaliser_state()
+        genesis = self.store.read(SNAPSHOT, 0)
+        if not _split(genesis.tensors, "editor/"):
+            tensors = dict(genesis.tensors) | self._editor_tensors(self._editor_state)
+            metadata = {k: v for k, v in genesis.metadata.items() if k not in RESERVED_KEYS}
+            # A crash between the two leaves no genesis; `open` writes it again from the base weights.
+            self.store.remove(SNAPSHOT, 0)
+            self.store.write(SNAPSHOT, 0, tensors, metadata)
 
     def _check_genesis(self, base: StagedWeights) -> None:
         meta = self.store.metadata(SNAPSHOT, 0)

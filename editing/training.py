@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -133,9 +133,15 @@ def _accumulate(total: Deltas, more: Deltas) -> None:
 class MetaTrainer:
     """Trains `editor.nets` on edit examples with the options above (see the module docstring)."""
 
-    def __init__(self, editor: EMSEditor, options: TrainingOptions) -> None:
+    def __init__(
+        self, editor: EMSEditor, options: TrainingOptions, on_batch: Callable[[int, int, float], None] | None = None
+    ) -> None:
         self.editor = editor
         self.options = options
+        # Called after every training batch with (batches done, batches in all, edit loss); it may raise
+        # to stop training early (the LM is restored on the way out).
+        self.on_batch = on_batch
+        self.total_batches = 0
         params = list(editor.nets.parameters())
         self.params = params
         self.optimiser = torch.optim.Adam(params, lr=options.meta_lr)
@@ -248,18 +254,28 @@ class MetaTrainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         self.report.edit_losses.append(records[0].diagnostics.edit_loss)
         self.report.seconds_per_batch.append(time.perf_counter() - began)
+        if self.on_batch is not None:
+            self.on_batch(len(self.report.edit_losses), self.total_batches, records[0].diagnostics.edit_loss)
 
 
 def meta_train(
-    editor: EMSEditor, examples: Sequence[EditExample], options: TrainingOptions, *, progress: bool = False
+    editor: EMSEditor,
+    examples: Sequence[EditExample],
+    options: TrainingOptions,
+    *,
+    progress: bool = False,
+    on_batch: Callable[[int, int, float], None] | None = None,
 ) -> TrainingReport:
     """Train the editor's hypernetworks in place; the LM ends bit-identical to how it started.
 
     The mode (sequential or batch) is the editor's (`EditorConfig.mode`), since it fixes the networks.
+    `on_batch(done, total, edit_loss)` reports progress after each training batch; an exception it
+    raises stops training (the LM is still restored) and propagates.
     """
     torch.manual_seed(options.seed)
     batches = make_batches(editor, examples, options)
-    trainer = MetaTrainer(editor, options)
+    trainer = MetaTrainer(editor, options, on_batch)
+    trainer.total_batches = len(batches) * options.epochs
     for epoch in range(options.epochs):
         if editor.nets.shared:
             trainer.train_batch(batches, progress)

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 EXECUTOR = "ingest"
 
+#: Told of every poll that ran: (source name, its result, seconds, consecutive failures after it).
+PollObserver = Callable[[str, Poll, float, int], None]
+
 
 @dataclass(frozen=True)
 class SourceHealth:
@@ -74,8 +77,10 @@ class SourceJob:
         config: IngestConfig,
         session_factory: sessionmaker[Session],
         clock: Callable[[], float] = time.monotonic,
+        observer: PollObserver | None = None,
     ) -> None:
         self.name = name
+        self.observer = observer
         self.poll = poll
         self.interval = interval
         self.config = config
@@ -88,12 +93,18 @@ class SourceJob:
         """Run one poll unless backing off. Never raises: failures are recorded and logged."""
         if self.clock() < self.resume_at:
             return None
+        began = time.perf_counter()
         try:
             result = self.poll()
         except Exception as exc:  # a source must never take the scheduler down; recorded below
             result = Poll(failure=f"{type(exc).__name__}: {exc}")
             self._record_failure(result.failure or "")
         self._after(result)
+        if self.observer is not None:
+            try:
+                self.observer(self.name, result, time.perf_counter() - began, self.failures)
+            except Exception:  # metrics must never break ingestion
+                logger.exception("source %s: the poll observer failed", self.name)
         return result
 
     def _record_failure(self, reason: str) -> None:
@@ -133,13 +144,19 @@ def _drop_folder_poll(folder: DropFolder) -> Poll:
 
 
 def build_jobs(
-    config: IngestConfig, session_factory: sessionmaker[Session], *, drop_folder: Path
+    config: IngestConfig,
+    session_factory: sessionmaker[Session],
+    *,
+    drop_folder: Path,
+    observer: PollObserver | None = None,
 ) -> list[tuple[SourceJob, float]]:
     """The jobs of every enabled source with their intervals, the drop folder first."""
     jobs: list[tuple[SourceJob, float]] = []
 
     def add(name: str, poll: Callable[[], Poll], interval: float) -> None:
-        job = SourceJob(name, poll, interval=interval, config=config, session_factory=session_factory)
+        job = SourceJob(
+            name, poll, interval=interval, config=config, session_factory=session_factory, observer=observer
+        )
         jobs.append((job, interval))
 
     if config.drop_folder_enabled:
@@ -163,13 +180,15 @@ def schedule_sources(
     *,
     drop_folder: Path,
     start_now: bool = True,
+    observer: PollObserver | None = None,
 ) -> list[Job]:
     """Add one job per enabled source to `scheduler` (not started here) and return the jobs.
 
     Jobs run on the scheduler's "ingest" executor, added here with one thread per source. With
     `start_now` every source is polled as soon as the scheduler starts, then at its interval.
+    `observer(source, poll, seconds, consecutive_failures)` hears of every poll (the daemon's metrics).
     """
-    jobs = build_jobs(config, session_factory, drop_folder=drop_folder)
+    jobs = build_jobs(config, session_factory, drop_folder=drop_folder, observer=observer)
     try:
         scheduler.add_executor(ThreadPoolExecutor(max_workers=max(1, len(jobs))), alias=EXECUTOR)
     except ValueError:

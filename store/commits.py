@@ -16,7 +16,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from store.db import serialise_writers
-from store.errors import LedgerError, UnknownVersion
+from store.errors import LedgerError, StaleVersion, UnknownVersion
 from store.models import Commit, CommitFact, Fact, FactStatus, ProbeRun, Revert, utc_now
 from store.records import CommitIn
 from store.states import chunks, transition
@@ -33,19 +33,46 @@ def active_versions(session: Session) -> list[int]:
     return list(session.scalars(query))
 
 
-def record_commit(*, session: Session, commit: CommitIn) -> Commit:
+def next_version(session: Session) -> int:
+    """The version `record_commit` will give the next commit: one above the highest ever used (reverted too).
+
+    The model-state code names the commit's artefact with it before the ledger transaction; only the
+    edit loop (one writer of the model) records commits, so it cannot change in between, and
+    `record_commit(expected_version=...)` refuses the commit if it did.
+    """
+    return (session.scalar(select(func.max(Commit.version))) or 0) + 1
+
+
+def commit_parents(session: Session) -> dict[int, tuple[int, str | None, str | None]]:
+    """Every commit, reverted ones included: version -> (parent, artefact sha256, weights sha256)."""
+    rows = session.execute(select(Commit.version, Commit.parent_version, Commit.artefact_sha256, Commit.weights_sha256))
+    return {version: (parent, artefact, weights) for version, parent, artefact, weights in rows}
+
+
+def record_commit(
+    *, session: Session, commit: CommitIn, expected_version: int | None = None, expected_parent: int | None = None
+) -> Commit:
     """Record a commit and move its facts from `editing` to `committed`, in the caller's transaction.
 
     The new version is one above the highest ever used (reverted ones included) and its parent is
     the current version. Committed facts with the same prompt and another target are superseded by
-    the new fact. Raises IllegalTransition if a fact is not in `editing`; the caller then rolls back.
+    the new fact. Raises IllegalTransition if a fact is not in `editing`, and StaleVersion when
+    `expected_version` / `expected_parent` (what the caller's artefact was made for) differ from what
+    the ledger would record, e.g. because a revert landed meanwhile; the caller then rolls back.
     """
     ids = list(dict.fromkeys(commit.fact_ids))
     if not ids:
         raise LedgerError("a commit needs at least one fact")
     serialise_writers(session)  # versions are max + 1: no two writers may pick one at once
     parent = current_version(session)
-    version = (session.scalar(select(func.max(Commit.version))) or 0) + 1
+    version = next_version(session)
+    if expected_version is not None and expected_version != version:
+        raise StaleVersion(f"the commit was prepared as version {expected_version}, but the next version is {version}")
+    if expected_parent is not None and expected_parent != parent:
+        raise StaleVersion(
+            f"the commit was prepared on version {expected_parent}, but the ledger's current version is {parent} "
+            "(a revert landed meanwhile)"
+        )
     row = Commit(
         version=version,
         parent_version=parent,
@@ -120,7 +147,7 @@ def revert_to(*, session: Session, to_version: int, reason: str | None, requeste
     """
     serialise_writers(session)
     current = current_version(session)
-    _check_target(session, to_version, current)
+    check_revert_target(session, to_version, current)
     reverted = [v for v in active_versions(session) if v > to_version]
     audit = Revert(
         from_version=current,
@@ -149,7 +176,10 @@ def revert_to(*, session: Session, to_version: int, reason: str | None, requeste
     return audit
 
 
-def _check_target(session: Session, to_version: int, current: int) -> None:
+def check_revert_target(session: Session, to_version: int, current: int | None = None) -> None:
+    """Raise UnknownVersion unless `to_version` is an older version on the active chain."""
+    if current is None:
+        current = current_version(session)
     if to_version == current:
         raise UnknownVersion(f"the ledger is already at version {current}; nothing to revert")
     if to_version < 0 or to_version > current:

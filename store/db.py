@@ -25,6 +25,8 @@ from store.errors import LedgerUnavailable
 
 #: Execution option that marks a connection as a reader (see make_read_session_factory).
 READ_ONLY_OPTION = "ledger_read_only"
+#: WAL pages (4 KiB each) after which a commit checkpoints the WAL into the database (SQLite's default: 1000).
+SQLITE_WAL_AUTOCHECKPOINT_PAGES = 10_000
 # Arbitrary constant shared by every process that migrates or adds facts on one Postgres database.
 PG_LEDGER_LOCK_KEY = 0x6B65645F6C656467  # "ked_ledg"
 
@@ -65,6 +67,11 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, cache_mb: int) -> No
         # NORMAL is durable across application crashes in WAL mode; only an OS crash can lose the
         # last transactions (https://www.sqlite.org/pragma.html#pragma_synchronous).
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoint (copy the WAL into the database file, with its two fsyncs) every ~40 MB of WAL
+        # rather than SQLite's default ~4 MB. Durability is unchanged: a committed transaction is in
+        # the WAL either way. An ingest commit rewrites most pages of the random prompt-hash index,
+        # so a rare checkpoint copies each such page once for several commits (bench/ledger.py).
+        cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_AUTOCHECKPOINT_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

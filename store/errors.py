@@ -29,3 +29,7 @@ class UnknownSource(LedgerError, LookupError):
 
 class InvalidFact(LedgerError, ValueError):
     """A fact that cannot be stored (empty after normalisation, naive timestamp); names its origin."""
+
+
+class StaleVersion(LedgerError):
+    """A commit prepared for another version or parent than the ledger's (a revert landed meanwhile)."""

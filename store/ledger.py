@@ -17,7 +17,7 @@ Dedup and supersession (docs/ledger.md, "Dedup and conflicts"):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import EllipsisType
@@ -28,8 +28,10 @@ from sqlalchemy.orm import Session
 
 from store.bulk import bind_processor, insert_tuples, json_list_text, json_string, select_in, update_column
 from store.commits import (
+    commit_parents,
     current_version,
     mark_revert_applied,
+    next_version,
     record_commit,
     record_probe_run,
     revert_last,
@@ -58,6 +60,7 @@ __all__ = [
     "add_rejections",
     "claim_pending",
     "commit_detail",
+    "commit_parents",
     "current_version",
     "ensure_source",
     "export_facts",
@@ -67,6 +70,7 @@ __all__ = [
     "list_commits",
     "list_reverts",
     "mark_revert_applied",
+    "next_version",
     "record_commit",
     "record_probe_run",
     "requeue",
@@ -216,49 +220,60 @@ class _Plan:
     status: dict[int, FactStatus] = field(default_factory=dict)
     hash_of: dict[int, str] = field(default_factory=dict)
     by_hash: dict[str, int] = field(default_factory=dict)  # content hash -> its non-superseded fact
-    by_prompt: dict[str, list[int]] = field(default_factory=dict)  # prompt hash -> live facts, oldest first
+    # prompt hash -> live facts, oldest first. Tuples rather than lists: the garbage collector stops
+    # tracking a tuple of ints, and a batch holds one per distinct prompt.
+    by_prompt: dict[str, tuple[int, ...]] = field(default_factory=dict)
     new_rows: list[int] = field(default_factory=list)
     new_supersedes: dict[int, int] = field(default_factory=dict)
     superseded_by: dict[int, int] = field(default_factory=dict)
     keys: list[int] = field(default_factory=list)
 
-    def add_new(self, index: int, chash: str, phash: str) -> int:
-        key = -(len(self.new_rows) + 1)
-        self.new_rows.append(index)
-        self.status[key] = FactStatus.PENDING
-        self.hash_of[key] = chash
-        self.by_hash[chash] = key
-        earlier = self.by_prompt.setdefault(phash, [])
-        if earlier:
-            self.new_supersedes[key] = earlier[-1]
-        earlier.append(key)
-        return key
-
     def supersede_others(self, key: int, phash: str) -> None:
+        status, by_hash, hash_of = self.status, self.by_hash, self.hash_of
         kept = []
-        for other in self.by_prompt.get(phash, []):
-            if other != key and self.status[other] is FactStatus.PENDING:
-                self.status[other] = FactStatus.SUPERSEDED
+        for other in self.by_prompt.get(phash, ()):
+            if other != key and status[other] is FactStatus.PENDING:
+                status[other] = FactStatus.SUPERSEDED
                 self.superseded_by[other] = key
-                if self.by_hash.get(self.hash_of[other]) == other:
-                    del self.by_hash[self.hash_of[other]]
+                if by_hash.get(hash_of[other]) == other:
+                    del by_hash[hash_of[other]]
             else:
                 kept.append(other)
-        self.by_prompt[phash] = kept
+        self.by_prompt[phash] = tuple(kept)
 
     def place(self, prepared: Sequence[_Prepared]) -> int:
-        """Map every record, in input order, to a fact (existing or new); returns the duplicate count."""
+        """Map every record, in input order, to a fact (existing or new); returns the duplicate count.
+
+        A record whose content hash is known maps to that fact (a duplicate); any other becomes new
+        fact -k (`new_rows[k - 1]`), pending, linked to the newest earlier live fact of its prompt.
+        A record whose fact is live then supersedes the other pending facts of its prompt.
+        """
+        status, hash_of, by_hash, by_prompt = self.status, self.hash_of, self.by_hash, self.by_prompt
+        new_rows, keys, supersede_others = self.new_rows, self.keys, self.supersede_others
+        pending = FactStatus.PENDING
         duplicates = 0
         for index, record in enumerate(prepared):
-            chash, phash = record[6], record[7]
-            key = self.by_hash.get(chash)
+            chash = record[6]
+            key = by_hash.get(chash)
             if key is None:
-                key = self.add_new(index, chash, phash)
+                key = -(len(new_rows) + 1)
+                new_rows.append(index)
+                status[key], hash_of[key], by_hash[chash] = pending, chash, key
+                phash = record[7]
+                earlier = by_prompt.get(phash)
+                if not earlier:
+                    # The only live fact of its prompt (the usual case): nothing to link or supersede.
+                    by_prompt[phash] = (key,)
+                    keys.append(key)
+                    continue
+                self.new_supersedes[key] = earlier[-1]
+                by_prompt[phash] = (*earlier, key)
+                supersede_others(key, phash)
             else:
                 duplicates += 1
-            if self.status[key] in _LIVE:
-                self.supersede_others(key, phash)
-            self.keys.append(key)
+                if status[key] in _LIVE:
+                    supersede_others(key, record[7])
+            keys.append(key)
         return duplicates
 
 
@@ -279,13 +294,14 @@ def add_facts(*, session: Session, items: Sequence[tuple[FactIn, Origin]]) -> Ad
     duplicates = plan.place(prepared)
     shared = _Shared(session, items, source_ids, now)
     ids = _insert_new(session, plan, prepared, shared)
-    _insert_origins(session, plan, ids, shared)
+    fact_ids = [ids.get(key, key) for key in plan.keys]
+    _insert_origins(session, fact_ids, shared)
     _supersede(session, {ids.get(older, older): ids.get(newer, newer) for older, newer in plan.superseded_by.items()})
     return AddResult(
         accepted=len(plan.new_rows),
         duplicates=duplicates,
         superseded=len(plan.superseded_by),
-        fact_ids=tuple(ids.get(key, key) for key in plan.keys),
+        fact_ids=tuple(fact_ids),
     )
 
 
@@ -342,19 +358,15 @@ class _Shared:
         to_driver = bind_processor(session, FACTS, "observed_at") or (lambda value: value)
         converted: dict[datetime, Any] = {}  # equal instants give equal stored values; convert each once
         self.origins: list[tuple[Any, ...]] = []
+        append = self.origins.append
         for fact, origin in items:
             observed = fact.observed_at
-            if observed is not None and observed not in converted:
-                converted[observed] = to_driver(observed)
-            self.origins.append(
-                (
-                    source_ids[origin.source],
-                    origin.location,
-                    origin.position,
-                    fact.external_id,
-                    None if observed is None else converted[observed],
-                )
-            )
+            if observed is not None:
+                value = converted.get(observed)
+                if value is None:
+                    value = converted[observed] = to_driver(observed)
+                observed = value
+            append((source_ids[origin.source], origin.location, origin.position, fact.external_id, observed))
         self.now = _to_driver(session, FACTS, "received_at", now)
         self.pending = _to_driver(session, FACTS, "status", FactStatus.PENDING)
 
@@ -368,13 +380,12 @@ def _where(origin: Origin) -> str:
     return f"{origin.source}: {origin.location}" + (f" {origin.position}" if origin.position else "")
 
 
-def _source_ids(session: Session, origins: Iterable[Origin]) -> dict[str, int]:
-    wanted: dict[str, str] = {}
-    for origin in origins:
-        wanted.setdefault(origin.source, origin.location)
-    found: dict[str, int] = dict(select_in(session, SOURCES, ("name", "id"), "name", list(wanted)))
-    for name, location in wanted.items():
+def _source_ids(session: Session, origins: Sequence[Origin]) -> dict[str, int]:
+    names = list(dict.fromkeys([origin.source for origin in origins]))  # in order of first appearance
+    found: dict[str, int] = dict(select_in(session, SOURCES, ("name", "id"), "name", names))
+    for name in names:
         if name not in found:
+            location = next(origin.location for origin in origins if origin.source == name)
             found[name] = ensure_source(session=session, name=name, kind=ADHOC_SOURCE_KIND, location=location).id
     return found
 
@@ -393,7 +404,7 @@ def _load_existing(session: Session, plan: _Plan, prompts: list[str]) -> None:
         if current is None or status in _LIVE or plan.status[current] not in _LIVE:
             plan.by_hash[chash] = fid
         if status in _LIVE:
-            plan.by_prompt.setdefault(phash, []).append(fid)
+            plan.by_prompt[phash] = (*plan.by_prompt.get(phash, ()), fid)
 
 
 def _allocate_ids(session: Session, count: int) -> list[int]:
@@ -411,18 +422,20 @@ def _insert_new(session: Session, plan: _Plan, prepared: Sequence[_Prepared], sh
     if not plan.new_rows:
         return {}
     new_ids = _allocate_ids(session, len(plan.new_rows))
-    ids = {-(number + 1): fid for number, fid in enumerate(new_ids)}
+    ids = dict(zip(range(-1, -len(new_ids) - 1, -1), new_ids, strict=True))
+    links = {key: ids.get(earlier, earlier) for key, earlier in plan.new_supersedes.items()}  # supersedes_id
     tail = (shared.pending, 0, shared.now, shared.now)  # status, attempts, received_at, status_changed_at
-    values = []
-    for number, index in enumerate(plan.new_rows):
-        earlier = plan.new_supersedes.get(-(number + 1))
-        supersedes = None if earlier is None else ids.get(earlier, earlier)
-        values.append((*prepared[index], new_ids[number], supersedes, *shared.origins[index], *tail))
+    origins = shared.origins
+    values = [
+        (*prepared[index], fid, links.get(key), *origins[index], *tail)
+        for key, index, fid in zip(ids, plan.new_rows, new_ids, strict=True)
+    ]
     insert_tuples(session, FACTS, _FACT_COLUMNS, values)
     return ids
 
 
-def _insert_origins(session: Session, plan: _Plan, ids: dict[int, int], shared: _Shared) -> None:
+def _insert_origins(session: Session, fact_ids: Sequence[int], shared: _Shared) -> None:
+    """One fact_origins row per record: `fact_ids[i]` is the fact record i maps to."""
     now = shared.now
-    values = [(ids.get(key, key), *origin, now) for key, origin in zip(plan.keys, shared.origins, strict=True)]
+    values = [(fid, *origin, now) for fid, origin in zip(fact_ids, shared.origins, strict=True)]
     insert_tuples(session, FACT_ORIGINS, _ORIGIN_COLUMNS, values)

@@ -136,8 +136,9 @@ def _side_effects(
     if to is S.EDITING:
         return {"attempts": Fact.attempts + 1}
     if to is S.PENDING:
-        # A requeued fact is no longer applied by any commit; commit_facts keeps the history.
-        return {"commit_version": None}
+        # A requeued fact is no longer applied by any commit; commit_facts keeps the history. A fact the
+        # gate sends back for another try keeps the reason (`error`) in last_error.
+        return {"commit_version": None} | ({"last_error": error} if error else {})
     if to in (S.REJECTED, S.FAILED):
         return {"last_error": error}
     if to is S.SUPERSEDED:

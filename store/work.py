@@ -6,8 +6,9 @@ Like the rest of the ledger API these take a keyword-only `session` and never co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store.errors import LedgerError
@@ -16,6 +17,18 @@ from store.states import chunks, transition
 
 #: The statuses `requeue` accepts: the end states a fact can be given another try from.
 REQUEUEABLE = (FactStatus.REJECTED, FactStatus.FAILED, FactStatus.REVERTED)
+
+
+def pending_backlog(session: Session) -> tuple[int, datetime | None]:
+    """How many facts are pending, and since when the longest-waiting one has been (None: no pending fact).
+
+    "Since when" is the time it became pending (arrival, or a requeue or retry), so a retried fact
+    does not count as having waited since it first arrived.
+    """
+    count, oldest = session.execute(
+        select(func.count(Fact.id), func.min(Fact.status_changed_at)).where(Fact.status == FactStatus.PENDING)
+    ).one()
+    return int(count or 0), oldest
 
 
 def claim_pending(*, session: Session, limit: int) -> list[Fact]:

@@ -24,6 +24,8 @@ def _env() -> dict[str, str]:
     env["KED_MODEL__DEVICE"] = "cpu"
     env["KED_MODEL__CACHE_DIR"] = str(MODEL_CACHE_DIR)
     env["KED_API__PORT"] = "0"
+    # These tests are about start-up and signals; first-run training is tested in test_end_to_end.py.
+    env["KED_EDIT_LOOP__TRAIN_IF_MISSING"] = "false"
     return env
 
 
@@ -91,7 +93,7 @@ def test_starts_logs_ready_as_json_and_exits_on_signal(tmp_path: Path, signum: i
         records = _wait_for_ready(proc, timeout=240)
         ready = records[-1]
         assert ready["model_type"] == "llama" and ready["level"] == "info"
-        assert "not_yet_implemented" in ready
+        assert ready["version"] == 0 and ready["editor"] == "missing"
         if signum == signal.SIGTERM:
             _check_running_service(str(ready["api"]), tmp_path / "state")
         sent = time.monotonic()
@@ -117,7 +119,7 @@ def test_signal_during_start_up_exits_promptly(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        events = []
+        events: list[str] = []
         while not events or events[-1] != "loading model":
             line = proc.stdout.readline()
             assert line, f"daemon ended before loading the model: {events}"

@@ -194,6 +194,12 @@ def test_every_panel_query_is_valid_and_returns_data(
     wait_for(lambda: has_data(url, "rate(ked_http_requests_total{route=\"/v1/query\"}[1m]) > 0"), 30,
              "the second round of values never reached Prometheus")
 
+    problems = panel_problems(url)
+    assert not problems, "\n".join(problems)
+
+
+def panel_problems(url: str) -> list[str]:
+    """Every dashboard query that is not valid PromQL on the Prometheus at `url`, or returns no data."""
     problems = []
     for title, ref, expr in targets():
         answer = instant(url, expr)
@@ -203,7 +209,7 @@ def test_every_panel_query_is_valid_and_returns_data(
         values = [float(item["value"][1]) for item in answer["data"]["result"]]
         if not any(math.isfinite(v) for v in values) and not any(prefix in expr for prefix in CUDA_ONLY):
             problems.append(f"{title} {ref}: no data for {expr!r} (got {values})")
-    assert not problems, "\n".join(problems)
+    return problems
 
 
 def test_the_dashboard_is_provisionable() -> None:

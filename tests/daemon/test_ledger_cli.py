@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from daemon.ledger import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from store import ledger
 from store.db import make_engine, make_session_factory
+from store.lock import ModelLock
 from store.models import Fact, FactStatus, Revert
 from store.records import CommitIn, FactIn, Locality, Origin, RejectionIn
 from tests.store.fixtures import backend, db_url, pg_ledger_url, pg_schemas, sqlite_template  # noqa: F401
@@ -162,7 +164,15 @@ def test_refusals(cli: Run, seeded: Any, argv: tuple[str, ...], code: int, messa
 
 @pytest.mark.parametrize(
     "argv",
-    [("revert",), ("revert", "--to", "1", "--last", "1"), ("revert", "--to", "x"), ("facts", "--status", "bogus")],
+    [
+        ("revert",),
+        ("revert", "--to", "1", "--last", "1"),
+        ("revert", "--to", "x"),
+        ("revert", "--to", "1", "--wait", "-1"),
+        ("export-model",),
+        ("export-model", "--version", "x", "out"),
+        ("facts", "--status", "bogus"),
+    ],
 )
 def test_bad_arguments_exit_2(cli: Run, argv: tuple[str, ...]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -212,19 +222,69 @@ def test_export_round_trips_through_add_facts(cli: Run, seeded: Any, tmp_path: P
         session.rollback()
 
 
-def test_revert_writes_audit_row_and_moves_facts(cli: Run, seeded: Any) -> None:
-    code, out, _ = cli("revert", "--last", "1", "--reason", "probe drop", "--requested-by", "ops")
-    assert code == EXIT_OK and "v2 -> v1" in out and "1 fact(s) reverted" in out
-    assert _statuses(seeded)[3] == "reverted"
-    code, out, _ = cli("revert", "--to", "v0", "--json")
+class _DaemonLedgerSide:
+    """The running daemon as far as the ledger sees it: it holds the model lock and marks filed reverts restored.
+
+    (Restoring the weights themselves is tested on a real model in tests/daemon/test_ledger_revert.py.)
+    """
+
+    def __init__(self, state_dir: Path, sessions: Callable[[], Session], *, apply: bool) -> None:
+        self.lock = ModelLock(state_dir, "daemon")
+        self.sessions = sessions
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True) if apply else None
+
+    def __enter__(self) -> _DaemonLedgerSide:
+        self.lock.acquire()
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.lock.release()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.05):
+            with self.sessions() as session, session.begin():
+                for revert in ledger.unapplied_reverts(session):
+                    ledger.mark_revert_applied(session=session, revert_id=revert.id)
+
+
+def test_revert_with_the_daemon_running_is_filed_and_reported_once_restored(
+    cli: Run, seeded: Any, tmp_path: Path
+) -> None:
+    with _DaemonLedgerSide(tmp_path / "state", seeded, apply=True):
+        # The seeded commits have no artefacts, so only the base model (v0) can be rebuilt.
+        code, out, err = cli("revert", "--last", "1")
+        assert (code, out) == (
+            EXIT_REFUSED,
+            "",
+        ) and "cannot revert to version 1: it is beyond the retention horizon" in err
+        assert _statuses(seeded)[3] == "committed"
+        code, out, err = cli("revert", "--to", "v0", "--reason", "probe drop", "--json", "--wait", "30")
+    assert code == EXIT_OK, err
     audit = json.loads(out)
-    assert (audit["from_version"], audit["to_version"], audit["reverted_facts"]) == (1, 0, 2)
-    assert audit["requested_by"].startswith("cli:")
-    with seeded() as session:
-        rows = session.scalars(select(Revert).order_by(Revert.id)).all()
-        assert [(r.reason, r.requested_by) for r in rows] == [("probe drop", "ops"), (None, audit["requested_by"])]
+    assert (audit["mode"], audit["from_version"], audit["to_version"], audit["reverted_facts"]) == ("daemon", 2, 0, 3)
+    assert audit["weights_restored"] is True and audit["weights_restored_at"] is not None
+    assert audit["reason"] == "probe drop" and audit["requested_by"].startswith("cli:")
+    assert [_statuses(seeded)[i] for i in (1, 2, 3)] == ["reverted"] * 3
     code, out, _ = cli("log")
-    assert "REVERTED by revert #1" in out.splitlines()[0]
+    assert all("REVERTED by revert #1" in line for line in out.splitlines())
+
+
+def test_revert_not_applied_by_the_daemon_within_wait_stays_recorded(cli: Run, seeded: Any, tmp_path: Path) -> None:
+    with _DaemonLedgerSide(tmp_path / "state", seeded, apply=False):
+        code, out, err = cli("revert", "--to", "0", "--requested-by", "ops", "--wait", "0")
+    assert code == EXIT_REFUSED
+    assert out == "revert #1: v2 -> v0, 2 commit(s) and 3 fact(s) reverted; recorded, waiting for the daemon\n"
+    assert "revert #1 is recorded and the daemon applies it before its next edit" in err
+    with seeded() as session:
+        (row,) = session.scalars(select(Revert)).all()
+        assert (row.requested_by, row.weights_restored_at) == ("ops", None)
+    assert [_statuses(seeded)[i] for i in (1, 2, 3)] == ["reverted"] * 3
 
 
 def test_unreachable_ledger_exits_3(cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:

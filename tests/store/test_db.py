@@ -9,7 +9,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from store.db import make_engine, make_read_session_factory, make_session_factory, upgrade_to_head
+from store.db import (
+    SQLITE_WAL_AUTOCHECKPOINT_PAGES,
+    make_engine,
+    make_read_session_factory,
+    make_session_factory,
+    upgrade_to_head,
+)
 from store.errors import LedgerUnavailable
 
 
@@ -21,6 +27,15 @@ def test_sqlite_pragmas(tmp_path: Path) -> None:
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert connection.execute(text("PRAGMA cache_size")).scalar() == -8 * 1024
         assert connection.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+    engine.dispose()
+
+
+def test_sqlite_checkpoints_the_wal_rarely_without_giving_up_durability(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA wal_autocheckpoint")).scalar() == SQLITE_WAL_AUTOCHECKPOINT_PAGES
+        assert SQLITE_WAL_AUTOCHECKPOINT_PAGES == 10_000
+        assert connection.execute(text("PRAGMA synchronous")).scalar() == 1  # still NORMAL, not OFF
     engine.dispose()
 
 

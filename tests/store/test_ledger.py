@@ -321,3 +321,28 @@ def test_observed_at_is_stored_in_utc_on_the_fact_and_every_origin(session: Sess
     origins = session.scalars(select(FactOrigin.observed_at).order_by(FactOrigin.id)).all()
     assert origins == [same_instant[1], same_instant[1], later, None]
     assert all(moment is None or moment.tzinfo is not None for moment in origins)
+
+
+def test_sources_first_seen_in_a_batch_are_created_in_order_with_their_first_location(session: Session) -> None:
+    ledger.ensure_source(session=session, name="known", kind="jsonl", location="/known")
+    items = [
+        (fact("p1"), origin("feed:b", "https://b/1")),
+        (fact("p2"), origin("known", "/elsewhere")),
+        (fact("p3"), origin("feed:a", "https://a/1")),
+        (fact("p4"), origin("feed:b", "https://b/2")),
+    ]
+    ids = ledger.add_facts(session=session, items=items).fact_ids
+    sources = session.execute(select(Source.name, Source.kind, Source.location).order_by(Source.id)).all()
+    assert [tuple(s) for s in sources] == [
+        ("known", "jsonl", "/known"),
+        ("feed:b", ledger.ADHOC_SOURCE_KIND, "https://b/1"),
+        ("feed:a", ledger.ADHOC_SOURCE_KIND, "https://a/1"),
+    ]
+    by_name = {name: sid for sid, name in session.execute(select(Source.id, Source.name))}
+    session.expire_all()
+    assert [session.get(Fact, i).source_id for i in ids] == [  # type: ignore[union-attr]
+        by_name["feed:b"],
+        by_name["known"],
+        by_name["feed:a"],
+        by_name["feed:b"],
+    ]

@@ -1,0 +1,591 @@
+"""The edit loop: pending facts -> gated EMSEdit batches -> crash-safe commits, plus reverts and probes.
+
+One `EditLoop` is the only writer of the live model in the daemon. Its `tick()` runs as a scheduler
+job every `[edit_loop] poll_seconds`; under one lock (`writer`) it
+
+1. carries out reverts filed in the ledger by `python -m daemon.ledger revert` while the daemon runs;
+2. runs the baseline probe once, then the periodic probes when due, and follows the drift policy;
+3. while at least `min_batch` facts are pending, or the oldest pending one has waited `max_wait_seconds`,
+   edits a batch: claim up to `[editor] batch_size` facts (-> editing), propose and gate them on the
+   live weights (`editing.batch_edit`), then commit what passed with the model-state protocol
+   (artefact durable -> one ledger transaction with the commit row, the fact states and the gate's
+   record -> weights published), and settle the rest (rejected, failed, or back to pending to retry);
+4. consolidates the artefacts (snapshots, retention) between batches.
+
+A stop request abandons the in-flight batch at the gate's next try (the facts go back to pending);
+a commit already under way finishes. Reverts from the HTTP API take the same lock (`revert`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import structlog
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Settings
+from daemon.metrics import Metrics
+from daemon.model_state import RevertOutcome, apply_pending_reverts, commit_refs, revert_model
+from daemon.view import DaemonView
+from editing.batch_edit import BatchResult, EditInterrupted, GatedEditor
+from editing.checkpoint import code_version
+from editing.data import EditExample
+from editing.emsedit import EMSEditor
+from editing.gate import BatchChecker, Gate, GateFact, GateVerdict
+from editing.history import CommitRecord, ModelHistory
+from editing.loading import LoadedModel
+from editing.probes import DriftPolicy, ProbeReport, ProbeSuite, probes_due
+from editing.scoring import answer_scores
+from editing.specificity import ReferenceStore
+from store import commits
+from store.errors import StaleVersion
+from store.models import Commit, Fact, FactStatus, ProbeRun
+from store.records import CommitIn
+from store.states import transition
+from store.work import claim_pending, pending_backlog
+
+log = structlog.get_logger(__name__)
+
+PACKAGES = ("torch", "transformers", "safetensors", "sqlalchemy")
+
+
+def fact_example(fact: Fact) -> EditExample:
+    """The editor's view of a ledger fact."""
+    locality = tuple((str(pair["prompt"]), str(pair["answer"])) for pair in fact.locality or [])
+    return EditExample(
+        prompt=fact.prompt,
+        target_new=fact.target_new,
+        target_true=fact.ground_truth,
+        subject=fact.subject,
+        rephrase_prompts=tuple(fact.rephrase_prompts or ()),
+        locality=locality,
+    )
+
+
+def config_hash(settings: Settings) -> str:
+    """sha256 of the settings that shape an edit (model, editor, gate): recorded with every commit."""
+    shaping = {
+        "model": settings.model.model_dump(mode="json", exclude={"cache_dir"}),
+        "editor": settings.editor.model_dump(mode="json", exclude={"checkpoint", "hypernet_device"}),
+        "gate": settings.gate.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+@dataclass
+class BatchReport:
+    """What one batch did (for logs, metrics and tests)."""
+
+    facts: int
+    committed: list[int] = field(default_factory=list)
+    version: int | None = None
+    outcome: str = "rolled_back"
+    seconds: float = 0.0
+
+
+class EditLoop:
+    """The daemon's model writer (see the module docstring). Thread-safe: every entry point takes `writer`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        history: ModelHistory,
+        loaded: LoadedModel,
+        references: ReferenceStore,
+        metrics: Metrics,
+        view: DaemonView,
+        stop: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.history = history
+        self.loaded = loaded
+        self.references = references
+        self.metrics = metrics
+        self.view = view
+        self.stop = stop
+        self.writer = threading.RLock()
+        self.gated: GatedEditor | None = None
+        self.editor_version = code_version()
+        self.config_hash = config_hash(settings)
+        self.packages = package_versions()
+        self.drift = DriftPolicy(settings.gate)
+        self._probes: ProbeSuite | None = None
+        self._baseline_done = False
+        self._commits_since_probe = 0
+        self._last_probe_at = time.monotonic()
+
+    # --- set-up ----------------------------------------------------------------------------------
+
+    def attach_editor(self, editor: EMSEditor, checkpoint_id: str) -> None:
+        """Start editing with `editor` (the live model's); its statistics follow the recovered version."""
+        with self.writer:
+            self.history.attach_editor(editor)
+            checker = BatchChecker.from_config(self.settings.gate, self.references)
+            self.gated = GatedEditor(editor, self.history.state, Gate(self.settings.gate), checker)
+            self.editor_version = f"{code_version()}+{checkpoint_id}"
+        self.restore_pause()
+
+    def restore_pause(self) -> None:
+        """Start paused when the newest periodic probe run failed on the live version (drift survives restarts)."""
+        if self.settings.gate.drift_policy != "pause":
+            return
+        with self.sessions() as session:
+            run = session.scalars(
+                select(ProbeRun).where(ProbeRun.kind == "periodic").order_by(ProbeRun.id.desc()).limit(1)
+            ).first()
+            if run is None or run.passed is not False:
+                return
+            version = self.history.state.version
+            if (run.commit_version or 0) == version:
+                self._pause(f"probes failed on version {version} before the restart: {run.details.get('reasons')}")
+
+    # --- the job ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One pass of the loop (see the module docstring); the scheduler calls it every poll_seconds."""
+        with self.writer:
+            self._apply_reverts()
+            if self.gated is None or self.stop.is_set():
+                return
+            if not self._baseline_done:
+                self._baseline_probe()
+            while not self.stop.is_set() and not self.view.paused and self._due():
+                self._apply_reverts()  # a revert filed by the CLI goes before the next batch
+                if self.view.paused:
+                    break
+                report = self.run_batch()
+                self._after_batch(report)
+                if report.version is None:
+                    # Nothing committed (rejected, deferred, rolled back): the next pass tries again, so that
+                    # facts sent back for a retry do not spin the loop.
+                    break
+
+    def _apply_reverts(self) -> None:
+        began = time.perf_counter()
+        try:
+            applied = apply_pending_reverts(self.history, self.sessions)
+        except Exception as exc:  # a failed rebuild must not kill the loop: pause and say why
+            log.error("a revert filed in the ledger could not be applied", error=str(exc))
+            self.metrics.observe_revert("failed", time.perf_counter() - began)
+            self._pause(f"revert could not be applied: {exc}")
+            return
+        if applied:
+            self.metrics.observe_revert("done", time.perf_counter() - began)
+            self._after_version_change()
+
+    def _due(self) -> bool:
+        if not self.settings.edit_loop.enabled:
+            return False
+        with self.sessions() as session:
+            count, oldest = pending_backlog(session)
+        if count == 0:
+            return False
+        if count >= self.settings.edit_loop.min_batch:
+            return True
+        if oldest is None:
+            return False
+        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+        return (datetime.now(UTC) - oldest).total_seconds() >= self.settings.edit_loop.max_wait_seconds
+
+    # --- one batch -------------------------------------------------------------------------------
+
+    def run_batch(self) -> BatchReport:
+        """Claim, edit, gate and commit one batch; the facts end committed, rejected, failed or pending."""
+        assert self.gated is not None
+        began = time.perf_counter()
+        phases: dict[str, float] = {}
+        with self.sessions.begin() as session:
+            claimed = claim_pending(session=session, limit=self.settings.editor.batch_size)
+            facts = [GateFact(f.id, fact_example(f), attempts=max(0, f.attempts - 1)) for f in claimed]
+        phases["claim"] = time.perf_counter() - began
+        report = BatchReport(len(facts))
+        if not facts:
+            return report
+        ids = [int(f.key) for f in facts]
+        try:
+            result = self.gated.edit(facts, should_stop=self.stop.is_set)
+        except EditInterrupted:
+            self._release(ids, "the daemon stopped while this fact's batch was being edited")
+            report.seconds = time.perf_counter() - began
+            self.metrics.observe_batch("rolled_back", report.seconds, phases)  # type: ignore[arg-type]
+            log.info("batch rolled back: stopping", facts=len(ids))
+            return report
+        except Exception as exc:
+            log.exception("edit batch failed", facts=ids)
+            self._fail(ids, f"the edit raised {type(exc).__name__}: {exc}")
+            report.outcome, report.seconds = "failed", time.perf_counter() - began
+            self.metrics.observe_batch("failed", report.seconds, phases)  # type: ignore[arg-type]
+            return report
+        phases["edit"] = result.edit_seconds
+        phases["gate"] = result.phases.get("check", 0.0)
+        commit_began = time.perf_counter()
+        version = self._commit(result, facts) if result.prepared is not None else None
+        self._settle(result.verdict, committed=version is not None)
+        if version is None and result.prepared is not None:
+            report.outcome = "rolled_back"
+        elif version is not None:
+            phases["commit"] = time.perf_counter() - commit_began
+            report.committed = [int(k) for k in result.verdict.committed]
+            report.version, report.outcome = version, "committed"
+        else:
+            report.outcome = "rejected" if any(o.status == "rejected" for o in result.verdict.outcomes) else "failed"
+            if all(o.status in ("retry", "deferred") for o in result.verdict.outcomes):
+                report.outcome = "rolled_back"
+            self._record_gate_run(result.verdict, None)
+            if result.verdict.blocked:
+                # The live model already fails the specificity thresholds: no batch can pass until an
+                # operator reverts (or loosens the thresholds), so stop trying and say why.
+                self._pause(f"gate: {result.verdict.blocked}")
+        report.seconds = time.perf_counter() - began
+        self.metrics.observe_batch(report.outcome, report.seconds, phases)  # type: ignore[arg-type]
+        log.info(
+            "batch done",
+            outcome=report.outcome,
+            version=version,
+            facts=len(ids),
+            committed=len(report.committed),
+            statuses=_count(o.status for o in result.verdict.outcomes),
+            edits=result.verdict.edits,
+            seconds=round(report.seconds, 2),
+            edit_seconds=round(phases["edit"], 2),
+            gate_seconds=round(phases["gate"], 2),
+            blocked=result.verdict.blocked,
+        )
+        return report
+
+    def _commit(self, result: BatchResult, facts: Sequence[GateFact]) -> int | None:
+        """The model-state commit protocol for the facts the gate passed; None when the ledger refused."""
+        assert result.prepared is not None
+        verdict = result.verdict
+        committed_ids = [int(k) for k in verdict.committed]
+        with self.sessions() as session:
+            version = commits.next_version(session)
+        parent = self.history.state.version
+        metrics = self._edit_metrics(result)
+
+        def record(rec: CommitRecord) -> None:
+            with self.sessions.begin() as session:
+                commits.record_commit(
+                    session=session,
+                    commit=CommitIn(
+                        fact_ids=tuple(committed_ids),
+                        gate_verdict="passed" if len(committed_ids) == len(verdict.outcomes) else "partial",
+                        edit_metrics=metrics,
+                        artefact_path=rec.artefact_path,
+                        artefact_sha256=rec.artefact_sha256,
+                        weights_sha256=rec.weights_sha256,
+                        model_fingerprint=self.loaded.fingerprint,
+                        editor_version=self.editor_version,
+                        config_hash=self.config_hash,
+                        seed=self.settings.editor.seed,
+                        package_versions=self.packages,
+                    ),
+                    expected_version=rec.version,
+                    expected_parent=rec.parent,
+                )
+                commits.record_probe_run(
+                    session=session,
+                    kind="gate",
+                    scores=_gate_scores(verdict),
+                    passed=True,
+                    commit_version=rec.version,
+                    duration_seconds=verdict.seconds,
+                    details=verdict.to_dict(),
+                )
+
+        try:
+            self.history.commit(result.prepared, version=version, record=record)
+        except StaleVersion as exc:
+            # A revert landed between claim and commit: the edit was made on weights that are no longer
+            # current. Nothing was recorded; the facts are tried again on the new version.
+            log.warning("commit abandoned: the ledger moved on", error=str(exc), parent=parent)
+            self._release(committed_ids, f"not committed: {exc}; retried on the new version")
+            return None
+        generalization = self._generalization(facts, committed_ids)
+        self.metrics.observe_commit(
+            version=version,
+            facts=len(committed_ids),
+            committed_at=datetime.now(UTC),
+            efficacy=metrics.get("efficacy"),
+            generalization=generalization,
+            specificity=metrics.get("specificity_agreement"),
+        )
+        if generalization is not None:
+            with self.sessions.begin() as session:
+                row = session.get(Commit, version)
+                if row is not None:
+                    row.edit_metrics = dict(row.edit_metrics) | {"generalization": generalization}
+        return version
+
+    def _edit_metrics(self, result: BatchResult) -> dict[str, float]:
+        final = result.verdict.final
+        out: dict[str, float] = {
+            "facts": float(len(result.verdict.committed)),
+            "batch_facts": float(len(result.verdict.outcomes)),
+            "edit_seconds": result.edit_seconds,
+            "gate_seconds": result.phases.get("check", 0.0),
+            "gate_edits": float(result.verdict.edits),
+            "stored_bytes": float(result.prepared.stored_bytes) if result.prepared else 0.0,
+        }
+        if final is not None:
+            values = [final.efficacy[k] for k in result.verdict.committed if k in final.efficacy]
+            if values:
+                out["efficacy"] = sum(values) / len(values)
+            out["specificity_agreement"] = final.specificity.agreement
+            out["specificity_mean_kl"] = final.specificity.mean_kl
+        if result.plan is not None and result.plan.steps:
+            out["edit_loss_before"] = result.plan.steps[0].edit_loss
+            out["edit_loss_last_step"] = result.plan.steps[-1].edit_loss
+            out["delta_norm"] = result.plan.total_norm()
+        return out
+
+    def _generalization(self, facts: Sequence[GateFact], committed_ids: Sequence[int]) -> float | None:
+        """Teacher-forced accuracy of the committed facts' targets on their first paraphrase, on the live model."""
+        chosen = set(committed_ids)
+        pairs = [
+            (o.example.rephrase_prompts[0], o.example.target_new)
+            for o in facts
+            if int(o.key) in chosen and o.example.rephrase_prompts
+        ]
+        if not pairs:
+            return None
+        with self.history.state.reading(), torch.no_grad():
+            scores = answer_scores(
+                self.loaded.model, self.loaded.tokenizer, [p for p, _ in pairs], [t for _, t in pairs],
+                self.settings.gate.batch_size,
+            )
+        return float(scores.token_accuracy.mean())
+
+    def _settle(self, verdict: GateVerdict, *, committed: bool) -> None:
+        """Move every fact the commit did not take to its end state (or back to pending)."""
+        rejected, failed, retry = [], [], []
+        for outcome in verdict.outcomes:
+            if outcome.status == "committed" and committed:
+                continue
+            reason = outcome.reason + (f" ({_numbers(outcome.numbers)})" if outcome.numbers else "")
+            if outcome.status == "rejected":
+                rejected.append((int(outcome.key), reason))
+            elif outcome.status == "failed":
+                failed.append((int(outcome.key), reason))
+            elif outcome.status != "committed":
+                retry.append((int(outcome.key), reason))
+        with self.sessions.begin() as session:
+            for status, group in ((FactStatus.REJECTED, rejected), (FactStatus.FAILED, failed), (FactStatus.PENDING, retry)):
+                for fid, reason in group:
+                    current = session.get(Fact, fid)
+                    if current is not None and current.status == FactStatus.EDITING:
+                        transition(session=session, fact_ids=[fid], to=status, error=reason[:2000])
+
+    def _release(self, ids: Sequence[int], reason: str) -> None:
+        with self.sessions.begin() as session:
+            still = [fid for fid in ids if (row := session.get(Fact, fid)) is not None and row.status == FactStatus.EDITING]
+            transition(session=session, fact_ids=still, to=FactStatus.PENDING, error=reason)
+
+    def _fail(self, ids: Sequence[int], reason: str) -> None:
+        with self.sessions.begin() as session:
+            transition(session=session, fact_ids=list(ids), to=FactStatus.FAILED, error=reason[:2000])
+
+    def _record_gate_run(self, verdict: GateVerdict, version: int | None) -> None:
+        with self.sessions.begin() as session:
+            commits.record_probe_run(
+                session=session,
+                kind="gate",
+                scores=_gate_scores(verdict),
+                passed=False,
+                commit_version=version,
+                duration_seconds=verdict.seconds,
+                details=verdict.to_dict(),
+            )
+
+    def _after_batch(self, report: BatchReport) -> None:
+        if report.version is None:
+            return
+        self._commits_since_probe += 1
+        self._after_version_change()
+        if probes_due(
+            self.settings.gate, self._commits_since_probe, (time.monotonic() - self._last_probe_at) / 60.0
+        ):
+            self.run_probes("periodic")
+        self._consolidate()
+
+    def _after_version_change(self) -> None:
+        with self.sessions() as session:
+            summary_version = commits.current_version(session)
+            last = session.get(Commit, summary_version) if summary_version else None
+        self.metrics.set_model_state(version=summary_version, last_commit_at=last.created_at if last else None)
+
+    def _consolidate(self) -> None:
+        try:
+            with self.sessions() as session:
+                refs = commit_refs(session)
+            done = self.history.consolidate(refs)
+        except Exception as exc:  # storage trouble must not stop editing; the next pass tries again
+            log.warning("consolidation failed", error=str(exc))
+            return
+        if done.snapshot is not None or done.removed_commits:
+            log.info(
+                "artefacts consolidated",
+                snapshot=done.snapshot,
+                horizon=done.horizon,
+                removed_commits=len(done.removed_commits),
+                removed_snapshots=len(done.removed_snapshots),
+            )
+
+    # --- probes and drift ------------------------------------------------------------------------
+
+    @property
+    def probes(self) -> ProbeSuite:
+        if self._probes is None:
+            self._probes = ProbeSuite.from_config(self.settings.gate, self.references)
+        return self._probes
+
+    def _baseline_probe(self) -> None:
+        """Score the base model once (this fills the reference cache, so later runs only read the model)."""
+        self._baseline_done = True
+        began = time.perf_counter()
+        with self.history.state.writing():
+            # Computing base references swaps the base weights in for a moment: no query may run meanwhile.
+            report = self.probes.run(self.loaded.model, self.loaded.tokenizer)
+        self._record_probes("baseline", report, passed=True, reasons=[], seconds=time.perf_counter() - began)
+
+    def run_probes(self, kind: str = "periodic") -> ProbeReport:
+        """Run the periodic probes on the live model, record them and follow the drift policy."""
+        with self.writer:
+            began = time.perf_counter()
+            with self.history.state.reading():
+                report = self.probes.run(self.loaded.model, self.loaded.tokenizer)
+            decision = self.drift.decide(report)
+            self._commits_since_probe = 0
+            self._last_probe_at = time.monotonic()
+            self._record_probes(
+                kind, report, passed=not decision.drifted, reasons=list(decision.reasons), seconds=time.perf_counter() - began
+            )
+            if decision.action == "pause":
+                self._pause("drift: " + "; ".join(decision.reasons))
+            elif decision.action == "revert":
+                self._revert_after_drift(decision.reasons)
+            return report
+
+    def _record_probes(self, kind: str, report: ProbeReport, *, passed: bool, reasons: list[str], seconds: float) -> None:
+        version = self.history.state.version
+        scores = {t.task: t.accuracy for t in report.tasks}
+        drift = {t.task: t.accuracy_change for t in report.tasks}
+        details = report.to_dict() | {"reasons": reasons, "version": version}
+        with self.sessions.begin() as session:
+            commits.record_probe_run(
+                session=session,
+                kind=kind,
+                scores=scores,
+                passed=passed,
+                commit_version=version or None,
+                duration_seconds=seconds,
+                details=details,
+            )
+        self.metrics.observe_probes(kind, passed=passed, seconds=seconds, scores=scores, drift=drift)  # type: ignore[arg-type]
+        log.info(
+            "probes run",
+            kind=kind,
+            version=version,
+            passed=passed,
+            accuracy=report.accuracy,
+            flip_rate=round(report.flip_rate, 4),
+            reasons=reasons,
+            seconds=round(seconds, 2),
+        )
+
+    def _pause(self, reason: str) -> None:
+        self.view.paused = True
+        self.view.pause_reason = reason
+        self.metrics.set_paused(True)
+        log.warning("editing paused", reason=reason)
+
+    def _resume(self) -> None:
+        if self.view.paused:
+            log.info("editing resumed", version=self.history.state.version)
+        self.view.paused = False
+        self.view.pause_reason = None
+        self.metrics.set_paused(False)
+
+    def _revert_after_drift(self, reasons: Sequence[str]) -> None:
+        with self.sessions() as session:
+            run = session.scalars(
+                select(ProbeRun)
+                .where(ProbeRun.kind.in_(("periodic", "baseline")), ProbeRun.passed.is_(True))
+                .order_by(ProbeRun.id.desc())
+                .limit(1)
+            ).first()
+            target = (run.commit_version or 0) if run is not None else 0
+            active = set(commits.active_versions(session)) | {0}
+        if target not in active or target == self.history.state.version:
+            self._pause("drift, and no earlier version whose probes passed to revert to: " + "; ".join(reasons))
+            return
+        try:
+            self.revert(to_version=target, last=None, reason="drift: " + "; ".join(reasons), requested_by="daemon:drift")
+        except Exception as exc:
+            self._pause(f"drift, and the revert to version {target} failed: {exc}")
+
+    # --- reverts from the API --------------------------------------------------------------------
+
+    def revert(self, *, to_version: int | None, last: int | None, reason: str | None, requested_by: str) -> RevertOutcome:
+        """Exact revert of the live model between batches (waits for an in-flight batch to finish)."""
+        with self.writer:
+            self._apply_reverts()
+            began = time.perf_counter()
+            try:
+                outcome = revert_model(
+                    self.history, self.sessions, to_version=to_version, last=last, reason=reason, requested_by=requested_by
+                )
+            except Exception:
+                self.metrics.observe_revert("refused", time.perf_counter() - began)
+                raise
+            self.metrics.observe_revert("done", outcome.seconds)
+            self._after_version_change()
+            # A revert is the operator's answer to drift: editing resumes on the restored version.
+            self._resume()
+            return outcome
+
+
+def _gate_scores(verdict: GateVerdict) -> dict[str, float]:
+    final = verdict.final
+    scores: dict[str, float] = {"edits": float(verdict.edits), "seconds": verdict.seconds}
+    if final is not None:
+        values = list(final.efficacy.values())
+        if values:
+            scores["efficacy"] = sum(values) / len(values)
+        scores["agreement"] = final.specificity.agreement
+        scores["mean_kl"] = final.specificity.mean_kl
+    return scores
+
+
+def _numbers(numbers: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[value] = out.get(value, 0) + 1
+    return out

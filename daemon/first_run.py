@@ -1,0 +1,128 @@
+"""The editor the daemon edits with: load the trained checkpoint, or train one on first run.
+
+When `<state_dir>/editor` (or `[editor] checkpoint`) holds no checkpoint, the daemon meta-trains an
+editor for the loaded model on `[edit_loop] training_data` (built-in synthetic counterfactual facts by
+default), saves it as an ordinary checkpoint (the same files `python -m editing.train` writes), and
+edits with it from then on. Training works on a private copy of the language model, because it changes
+the edited weights in place while it runs: the live model keeps answering queries meanwhile.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import structlog
+
+from daemon.config import Settings
+from editing.checkpoint import WEIGHTS_FILE, build_editor, checkpoint_info, load_checkpoint, save_checkpoint
+from editing.data import examples_hash, load_examples
+from editing.emsedit import EMSEditor
+from editing.loading import LoadedModel
+from editing.training import TrainingOptions, meta_train
+
+log = structlog.get_logger(__name__)
+
+Progress = Callable[[int, int, float], None]
+
+
+class TrainingStopped(Exception):
+    """The service was asked to stop while it trained the editor; nothing was saved."""
+
+
+def checkpoint_exists(directory: Path) -> bool:
+    """True when `directory` holds an editor checkpoint (its description file)."""
+    return (directory / "editor_config.json").is_file()
+
+
+def checkpoint_id(directory: Path) -> str:
+    """A short identity of a checkpoint (sha256 prefix of its weights file), recorded with every commit."""
+    digest = hashlib.sha256()
+    with (directory / WEIGHTS_FILE).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def load_editor(settings: Settings, loaded: LoadedModel, module_names: list[str]) -> EMSEditor:
+    """The editor of the configured checkpoint, bound to the live model. Raises ModelMismatch/CheckpointError."""
+    checkpoint = load_checkpoint(settings.editor_checkpoint())
+    return build_editor(
+        loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, settings.editor, module_names
+    )
+
+
+def training_options(settings: Settings) -> TrainingOptions:
+    """First-run training: the engine's defaults, `[edit_loop] training_batches` batches of `[editor] batch_size`."""
+    return TrainingOptions(
+        n_batches=settings.edit_loop.training_batches,
+        batch_size=settings.editor.batch_size,
+        seed=settings.editor.seed,
+    )
+
+
+def train_editor(
+    settings: Settings,
+    loaded: LoadedModel,
+    module_names: list[str],
+    *,
+    progress: Progress,
+    stop: threading.Event,
+) -> Path:
+    """Meta-train an editor on a copy of the model and save it to `settings.editor_checkpoint()`.
+
+    `progress(done, total, loss)` is called after each training batch. Raises TrainingStopped when
+    `stop` is set (checked after every batch); DataFormatError for unusable training data.
+    """
+    began = time.monotonic()
+    options = training_options(settings)
+    examples = load_examples(
+        settings.edit_loop.training_data,
+        limit=options.n_batches * options.batch_size * options.epochs,
+        seed=settings.editor.seed,
+    )
+    # A private copy: training moves the edited weights while it runs, and the live model serves queries.
+    shadow = copy.deepcopy(loaded.model)
+    editor = EMSEditor(shadow, loaded.tokenizer, module_names, settings.editor)
+
+    def on_batch(done: int, total: int, loss: float) -> None:
+        progress(done, total, loss)
+        if stop.is_set():
+            raise TrainingStopped("stopped while training the editor")
+
+    log.info(
+        "training the editor (first run)",
+        data=settings.edit_loop.training_data,
+        examples=len(examples),
+        batches=options.n_batches,
+        modules=len(module_names),
+    )
+    try:
+        report = meta_train(editor, examples, options, on_batch=on_batch)
+        training = {
+            "data": settings.edit_loop.training_data,
+            "data_hash": examples_hash(examples),
+            "n_examples": len(examples),
+            "options": asdict(options),
+            "optimiser_steps": report.optimiser_steps,
+            "trained_by": "daemon first run",
+        }
+        output = settings.editor_checkpoint()
+        # Written beside the final name and renamed, so a crash never leaves half a checkpoint behind.
+        partial = output.with_name(output.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_checkpoint(partial, editor, checkpoint_info(editor, loaded.fingerprint, loaded.model_type, training))
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(partial, output)
+    finally:
+        del editor, shadow
+    log.info("editor trained", checkpoint=str(output), seconds=round(time.monotonic() - began, 1))
+    return output
