@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(1)
         editor_ready = time.monotonic() - began
         landed: dict[str, float] = {}
+        paused: list[str] = []
         for start in range(0, len(data), args.per_file):
             name = f"facts-{start:05d}.jsonl"
             part = state / "inbox" / (name + ".part")
@@ -116,18 +117,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             landed[name] = time.time()
         drop_began = min(landed.values())
         while True:
-            facts = httpx.get(f"{api}/v1/status", timeout=30).json()["ledger"]["facts"]
-            settled = facts["committed"] + facts["rejected"] + facts["failed"]
-            if settled >= len(data) or time.monotonic() - began > args.timeout:
+            ledger = httpx.get(f"{api}/v1/status", timeout=30).json()["ledger"]
+            facts = ledger["facts"]
+            # Every record is accounted for (a fact, a duplicate of one, or an ingest rejection) and no
+            # fact is waiting or being edited any more.
+            stored = sum(facts.values()) + ledger["rejections"]
+            status = httpx.get(f"{api}/v1/status", timeout=30).json()
+            if status["paused"]:  # the drift policy (or the gate) stopped editing: the run ends here
+                paused = status["reasons"]
+                break
+            if (stored >= len(data) and facts["pending"] + facts["editing"] == 0) or (
+                time.monotonic() - began > args.timeout
+            ):
                 break
             time.sleep(2)
+        facts = facts | {"ingest_rejections": ledger["rejections"]}
         peak = _peak_rss(proc.pid)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return _report(args, state, landed, drop_began, facts, peak, startup, editor_ready, work)
+    result = _report(args, state, landed, drop_began, facts, peak, startup, editor_ready, work)
+    result["paused"] = paused
+    return result
 
 
 def _report(
@@ -160,12 +173,14 @@ def _report(
         "committed": facts["committed"],
         "rejected": facts["rejected"],
         "failed": facts["failed"],
+        "ingest_rejections": facts["ingest_rejections"],
         "pending_left": facts["pending"] + facts["editing"],
         "latency_median_seconds": round(statistics.median(latencies), 2) if latencies else None,
         "latency_max_seconds": round(max(latencies), 2) if latencies else None,
         "facts_per_minute": round(len(latencies) / span * 60.0, 2),
         "peak_rss_bytes": peak,
         "startup_seconds": round(startup, 2),
+        "first_run_training": not args.editor,
         "ready_seconds": round(editor_ready, 2),
         "commits": len(commits),
         "gate_runs": len(gate),
@@ -196,12 +211,14 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "|---|---|",
     ]
     for key in (
-        "facts", "per_file", "committed", "rejected", "failed", "pending_left", "latency_median_seconds",
+        "facts", "per_file", "committed", "rejected", "failed", "ingest_rejections", "pending_left", "latency_median_seconds",
         "latency_max_seconds", "facts_per_minute", "peak_rss_bytes", "startup_seconds", "ready_seconds", "commits",
         "median_edit_seconds_per_commit", "median_gate_seconds_per_commit",
     ):
         lines.append(f"| {key} | {result[key]} |")
     lines += ["", "Latency: from the file landing in the drop folder to the commit that applied the fact.", ""]
+    if result.get("paused"):
+        lines += [f"The run ended because the daemon paused editing: {'; '.join(result['paused'])}.", ""]
     return "\n".join(lines)
 
 

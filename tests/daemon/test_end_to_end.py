@@ -8,7 +8,7 @@ the answers from before any edit.
 Settings that differ from the defaults, and why: first-run training is cut to 2 batches (the full 32
 take minutes on this CPU; the edits below do not depend on it), and the gate's specificity thresholds
 are loosened, because the per-batch specificity check rejects most CounterFact edits of this editor at
-the default thresholds (bench/results/gate.md reports that honestly); this test is about the service's
+the default thresholds (bench/results/service.md reports that); this test is about the service's
 mechanics. The efficacy threshold stays at its default, so every committed fact's target is what greedy
 decoding produces.
 """
@@ -171,7 +171,7 @@ def test_drop_commit_query_revert_restart(
         # Every fact of the newest commit passed the gate's efficacy check on exactly these weights.
         assert all(answered[i] for i in newest["fact_ids"]), answered
         # Earlier commits' facts can be disturbed by later edits (sequential interference, measured in
-        # bench/results/gate.md); most must still answer with their new target.
+        # bench/results/editing_zsre.md); most must still answer with their new target.
         assert sum(answered.values()) >= 0.9 * FACTS, answered
         assert daemon.metric("ked_facts_committed_total") == FACTS
         assert daemon.metric("ked_model_version") == versions[-1]

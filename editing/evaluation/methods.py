@@ -1,0 +1,308 @@
+"""The editing methods the evaluation compares, as data, and how each becomes a ready-to-edit `PreparedMethod`.
+
+Every method edits the same modules of the same model through one interface: `propose(facts, masters)`
+returns an `EditPlan` (the model untouched), the harness applies it; methods with running statistics
+(every hypernetwork method) also carry editor state, which the harness adopts after each applied edit and
+restores at the end. Methods that learn are meta-trained first (`editing.training.meta_train`) on the
+training facts, or loaded from a checkpoint.
+
+`METHODS` is the registry (`docs/evaluation.md` explains each entry and where its settings come from):
+
+| name | family | steps | training |
+|---|---|---|---|
+| ft | FT-L (`baselines/ft.py`) | - | none (25 Adam steps per edit batch) |
+| mend | MEND-style (`baselines/mend.py`) | 1 | batch mode, KL locality, an optimiser step per batch |
+| malmen, malmen2 | hypernetwork + ridge solve | 1, 2 | batch mode, KL locality (MALMEN), no L2 |
+| rledit, rledit2 | hypernetwork + ridge solve | 1, 2 | sequential (lifelong), KL locality, backtracking 10 |
+| ultraedit | training-free (`baselines/ultraedit.py`) | 1 | none |
+| emsedit1..emsedit4 | EMSEdit | S = 1..4 | sequential, paraphrase loss + L2, the reference schedule |
+
+`parse_variant` derives a named variant of a registry entry with changed settings
+(`LABEL=BASE:field=value,...`) for experiments on training facts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from editing.baselines.ft import FTConfig, FTEditor
+from editing.baselines.mend import MENDEditor, mend_config
+from editing.baselines.ultraedit import UltraEditor, ultraedit_config
+from editing.checkpoint import check_compatible, checkpoint_info, load_checkpoint, module_shapes, save_checkpoint
+from editing.config import EditorConfig
+from editing.data import EditExample, examples_hash
+from editing.deltas import EditPlan
+from editing.emsedit import EMSEditor
+from editing.errors import CheckpointError
+from editing.evaluation.covariance import CovarianceEditor, key_second_moments, reference_texts
+from editing.targets import resolve_modules
+from editing.training import TrainingOptions, meta_train
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["ft", "hypernet", "mend", "ultraedit"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: its family, editor settings and meta-training options (None: nothing to train)."""
+
+    name: str
+    family: Family
+    description: str
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    training: TrainingOptions | None = None
+    ft: FTConfig | None = None
+    key_covariance: float = 0.0  # γ of the experimental covariance term (`covariance.py`); 0: off
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that defines the method, JSON-ready (for reports and checkpoint reuse)."""
+        out: dict[str, Any] = {"family": self.family}
+        if self.family == "ft":
+            out["ft"] = asdict(self.ft or FTConfig())
+            return out
+        out["editor"] = self.editor.model_dump(mode="json", exclude={"checkpoint", "hypernet_device", "seed"})
+        out["training"] = asdict(self.training) if self.training else None
+        if self.key_covariance:
+            out["key_covariance"] = self.key_covariance
+        return out
+
+
+# Training uses every whole batch of 16 the training facts allow (`--train-limit` trims the facts).
+_ALL = TrainingOptions(n_batches=0)
+_MALMEN = replace(_ALL, locality="kl", loc_coef=1.0, l2_coef=0.0)
+# RLEdit: loc_coef 0.6, backtracking depth 10 with decay 0.95; its L2 term has no gradient (spec §7.1), so 0.
+_RLEDIT = replace(_ALL, locality="kl", loc_coef=0.6, l2_coef=0.0, back_depth=10, back_decay=0.95)
+
+
+def _registry() -> dict[str, MethodSpec]:
+    specs = [
+        MethodSpec("ft", "ft", "FT-L: constrained fine-tuning of the edited modules", ft=FTConfig()),
+        MethodSpec(
+            "mend", "mend", "MEND-style: summed per-token ũδ̃ᵀ, no solve, KL locality",
+            editor=mend_config(), training=replace(_MALMEN, single_adam_step=False),
+        ),
+        MethodSpec("malmen", "hypernet", "MALMEN: S=1, batch mode, KL locality", EditorConfig(steps=1, mode="batch"), _MALMEN),
+        MethodSpec("malmen2", "hypernet", "MALMEN2: MALMEN with S=2", EditorConfig(steps=2, mode="batch"), _MALMEN),
+        MethodSpec("rledit", "hypernet", "RLEdit-style: S=1, lifelong training, KL, backtracking", EditorConfig(steps=1), _RLEDIT),
+        MethodSpec("rledit2", "hypernet", "RLEdit2: RLEdit with S=2", EditorConfig(steps=2), _RLEDIT),
+        MethodSpec("ultraedit", "ultraedit", "UltraEdit: training-free, lifelong normalisation", ultraedit_config()),
+    ]
+    specs += [
+        MethodSpec(f"emsedit{s}", "hypernet", f"EMSEdit, S={s}: paraphrase loss + L2, lifelong training", EditorConfig(steps=s), _ALL)
+        for s in range(1, 5)
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+METHODS: dict[str, MethodSpec] = _registry()
+ALIASES = {"emsedit": "emsedit2"}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registry entry `name` (or an alias); ValueError listing the known names otherwise."""
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join([*METHODS, *ALIASES])}")
+    return METHODS[key]
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def with_settings(spec: MethodSpec, name: str, changes: dict[str, Any]) -> MethodSpec:
+    """`spec` renamed to `name` with fields of its EditorConfig, TrainingOptions or FTConfig changed."""
+    editor, training, ft = {}, {}, {}
+    covariance = float(changes.pop("key_covariance", spec.key_covariance) or 0.0)
+    if covariance and spec.family != "hypernet":
+        raise ValueError(f"method {spec.name!r} has no setting 'key_covariance' (hypernetwork methods only)")
+    training_fields = {f.name for f in fields(TrainingOptions)}
+    ft_fields = {f.name for f in fields(FTConfig)}
+    for key, value in changes.items():
+        if spec.family == "ft" and key in ft_fields:
+            ft[key] = value
+        elif spec.family != "ft" and key in EditorConfig.model_fields:
+            editor[key] = value
+        elif spec.training is not None and key in training_fields:
+            training[key] = value
+        else:
+            raise ValueError(f"method {spec.name!r} has no setting {key!r}")
+    return replace(
+        spec,
+        name=name,
+        editor=EditorConfig(**{**spec.editor.model_dump(), **editor}),
+        training=replace(spec.training, **training) if spec.training is not None else None,
+        ft=replace(spec.ft, **ft) if spec.ft is not None else None,
+        key_covariance=covariance,
+    )
+
+
+def parse_variant(text: str) -> MethodSpec:
+    """`LABEL=BASE:field=value,field=value` -> a MethodSpec named LABEL; ValueError with the expected form."""
+    label, sep, rest = text.partition("=")
+    base, colon, assignments = rest.partition(":")
+    if not sep or not label.strip() or not base.strip():
+        raise ValueError(f"variant {text!r} is not LABEL=BASE:field=value,...")
+    changes: dict[str, Any] = {}
+    for item in assignments.split(",") if colon and assignments.strip() else []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"variant {text!r}: {item!r} is not field=value")
+        changes[key.strip()] = _parse_value(value)
+    return with_settings(get_method(base), label.strip(), changes)
+
+
+class Proposer(Protocol):
+    """What the harness needs from an editor."""
+
+    def propose(self, examples: Sequence[EditExample], masters: dict[str, torch.Tensor] | None = None) -> EditPlan: ...
+
+
+@dataclass
+class PreparedMethod:
+    """A method ready to edit: its editor, the modules it edits and what preparing it cost."""
+
+    spec: MethodSpec
+    editor: Proposer
+    module_names: list[str]
+    train_facts: int = 0
+    train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
+    source: str = "untrained"  # "untrained", "trained", "reused <dir>" or "checkpoint <dir>"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The editor state an edit changes (normaliser statistics; empty for FT)."""
+        return self.editor.normaliser_state() if isinstance(self.editor, EMSEditor) else {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if isinstance(self.editor, EMSEditor):
+            self.editor.load_normaliser_state(state)
+
+    def adopt(self, plan: EditPlan) -> None:
+        """Make the state of an applied plan current (lifelong normalisation)."""
+        if isinstance(self.editor, EMSEditor):
+            self.editor.adopt_state(plan)
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """The model to edit and what identifies it."""
+
+    model: nn.Module
+    tokenizer: Any
+    fingerprint: str
+    model_type: str
+
+
+def _editor(
+    spec: MethodSpec, handle: ModelHandle, names: list[str], config: EditorConfig, texts: Sequence[EditExample]
+) -> EMSEditor:
+    if spec.key_covariance:
+        if not texts:
+            raise ValueError(f"method {spec.name!r} (key_covariance) needs training facts (--train-data) for its key statistics")
+        modules = resolve_modules(handle.model, names)
+        moments = key_second_moments(handle.model, handle.tokenizer, modules, reference_texts(texts))
+        return CovarianceEditor(handle.model, handle.tokenizer, names, config, moments, spec.key_covariance)
+    if spec.family == "ultraedit":
+        return UltraEditor(handle.model, handle.tokenizer, names, config)
+    cls = MENDEditor if spec.family == "mend" else EMSEditor
+    return cls(handle.model, handle.tokenizer, names, config)
+
+
+def _training_key(spec: MethodSpec, train_hash: str, seed: int) -> str:
+    blob = json.dumps({"settings": spec.settings(), "data": train_hash, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _load(editor: EMSEditor, directory: Path, fingerprint: str) -> dict[str, Any]:
+    checkpoint = load_checkpoint(directory)
+    check_compatible(checkpoint.info, fingerprint, module_shapes(editor.modules))
+    try:
+        editor.nets.load_state_dict({k: v.to(editor.device) for k, v in checkpoint.tensors.items()}, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"editor checkpoint {directory} does not fit this method's networks (mode, steps, rank, blocks): {exc}"
+        ) from exc
+    return checkpoint.info.training
+
+
+def _checkpoint_config(spec: MethodSpec, directory: Path, seed: int) -> EditorConfig:
+    """The method's EditorConfig with the network shape a checkpoint was saved with."""
+    info = load_checkpoint(directory).info
+    shape = {"mode": info.mode, "steps": info.steps, "rank": info.rank, "n_blocks": info.n_blocks, "edit_lr": info.edit_lr}
+    return EditorConfig(**{**spec.editor.model_dump(), **shape, "seed": seed})
+
+
+def prepare(
+    spec: MethodSpec,
+    handle: ModelHandle,
+    module_names: list[str],
+    train_examples: Sequence[EditExample],
+    *,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    editors_dir: Path | None = None,
+    progress: bool = False,
+) -> PreparedMethod:
+    """Build `spec`'s editor: load `checkpoint`, reuse a matching editor in `editors_dir`, or meta-train it.
+
+    Training-free methods ignore the training facts. A newly trained editor is saved to `editors_dir`
+    (when given) under a name that encodes its settings, training facts and seed, so a later run reuses it.
+    """
+    if spec.family == "ft":
+        return PreparedMethod(spec, FTEditor(handle.model, handle.tokenizer, module_names, spec.ft), module_names)
+    if checkpoint is not None:
+        config = _checkpoint_config(spec, checkpoint, seed)
+        editor = _editor(spec, handle, module_names, config, train_examples)
+        training = _load(editor, checkpoint, handle.fingerprint)
+        facts = int(training.get("n_examples", 0))
+        return PreparedMethod(
+            spec, editor, module_names, facts, float(training.get("train_seconds", 0.0)),
+            float(training.get("train_cpu_seconds", 0.0)), f"checkpoint {checkpoint}",
+        )
+    torch.manual_seed(seed)
+    editor = _editor(spec, handle, module_names, spec.editor.model_copy(update={"seed": seed}), train_examples)
+    if spec.training is None:
+        return PreparedMethod(spec, editor, module_names)
+    if not train_examples:
+        raise ValueError(f"method {spec.name!r} needs training facts (--train-data) or a --checkpoint")
+    train_hash = examples_hash(train_examples)
+    target = editors_dir / f"{spec.name}-{_training_key(spec, train_hash, seed)}" if editors_dir else None
+    if target is not None and target.is_dir():
+        training = _load(editor, target, handle.fingerprint)
+        logger.info("%s: reusing the trained editor in %s", spec.name, target)
+        return PreparedMethod(
+            spec, editor, module_names, int(training["n_examples"]), float(training["train_seconds"]),
+            float(training["train_cpu_seconds"]), f"reused {target}",
+        )
+    options = replace(spec.training, seed=seed)
+    began, cpu = time.perf_counter(), time.process_time()
+    report = meta_train(editor, train_examples, options, progress=progress)
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
+    used = len(report.edit_losses) // max(1, options.epochs) * options.batch_size
+    if target is not None:
+        info = {"data_hash": train_hash, "n_examples": used, "train_seconds": seconds, "train_cpu_seconds": cpu_seconds}
+        info |= {"settings": spec.settings(), "optimiser_steps": report.optimiser_steps}
+        save_checkpoint(target, editor, checkpoint_info(editor, handle.fingerprint, handle.model_type, info))
+    return PreparedMethod(spec, editor, module_names, used, seconds, cpu_seconds, "trained")

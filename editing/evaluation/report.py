@@ -1,0 +1,214 @@
+"""The evaluation report: one JSON document, a Markdown table and a plot, written side by side.
+
+The JSON holds the run's settings (`model`, `train_data`, `eval_data`, `batch_size`, `batches`, ...), the
+commands that produced it, the unedited model's scores, and `rows` (one per method and training-set size:
+`method`, `efficacy`, `generalization`, `specificity`, `retention`, `average`, `train_seconds_per_fact`,
+`edit_seconds_per_fact`, and more), plus `sequences`: each row's metrics per edited batch on the final
+model and, when measured, the curve over the edit sequence. Metrics are percentages.
+
+`merge` adds the rows of a new run to an existing report of the same evaluation (same model, facts, order,
+mode and batch shape), replacing rows of the same name, so that one table can be built from several runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from editing.evaluation.harness import StreamResult
+from editing.evaluation.methods import PreparedMethod
+
+#: the settings two runs must share for their rows to go into one table
+COMPARABLE = ("model_fingerprint", "eval_data", "eval_offset", "eval_hash", "data_kind", "mode", "batch_size", "batches", "seed")
+
+_COLUMNS_ZSRE = [
+    ("efficacy", "ES"), ("generalization", "GS"), ("specificity", "LS"), ("average", "avg (paper)"),
+    ("retention", "retention"), ("clean_average", "avg (clean)"),
+]
+_COLUMNS_CF = [
+    ("efficacy", "ES"), ("generalization", "GS"), ("specificity", "LS"), ("average", "avg (paper)"),
+    ("efficacy_sequence", "ES seq"), ("generalization_sequence", "GS seq"), ("specificity_sequence", "LS seq"),
+    ("retention", "retention"), ("clean_average", "avg (clean)"),
+]
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (None if math.isnan(v) else round(v, 2)) for k, v in metrics.items()}
+
+
+def make_row(
+    label: str, method: PreparedMethod, result: StreamResult, *, train_data: str | None, train_limit: int | None,
+    load_average: tuple[float, float, float],
+) -> dict[str, Any]:
+    """One table row: the final metrics, the seconds per fact and how the method was prepared."""
+    train_per_fact = method.train_seconds / method.train_facts if method.train_facts else 0.0
+    edit_per_fact = result.edit_seconds / result.edited_facts if result.edited_facts else math.nan
+    return {
+        "method": label,
+        "base_method": method.spec.name,
+        "description": method.spec.description,
+        **_rounded(result.final),
+        "train_seconds_per_fact": round(train_per_fact, 4),
+        "edit_seconds_per_fact": round(edit_per_fact, 4),
+        "train_facts": method.train_facts,
+        "train_data": train_data if method.train_facts else None,
+        "train_limit": train_limit if method.train_facts else None,
+        "train_seconds": round(method.train_seconds, 2),
+        "train_cpu_seconds": round(method.train_cpu_seconds, 2),
+        "edit_seconds": round(result.edit_seconds, 2),
+        "edit_cpu_seconds": round(result.edit_cpu_seconds, 2),
+        "edited_facts": result.edited_facts,
+        "editor": method.source,
+        "settings": method.spec.settings(),
+        "load_average": [round(x, 2) for x in load_average],
+    }
+
+
+def make_sequence(result: StreamResult) -> dict[str, Any]:
+    return {
+        "per_batch": [_rounded(m) for m in result.per_batch],
+        "curve": [{"batches": k, **_rounded(m)} for k, m in result.curve],
+    }
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with `new`'s rows added (same-named rows replaced) and its commands appended.
+
+    ValueError when the two runs measured different things (see `COMPARABLE`).
+    """
+    differing = [key for key in COMPARABLE if old.get(key) != new.get(key)]
+    if differing:
+        raise ValueError(
+            f"cannot merge into the existing report: it differs in {', '.join(differing)}; "
+            "write to another --output directory or --stem, or drop --merge"
+        )
+    labels = {row["method"] for row in new["rows"]}
+    merged = dict(new)
+    merged["rows"] = [row for row in old["rows"] if row["method"] not in labels] + new["rows"]
+    merged["sequences"] = {k: v for k, v in old.get("sequences", {}).items() if k not in labels} | new["sequences"]
+    merged["commands"] = old.get("commands", []) + [c for c in new["commands"] if c not in old.get("commands", [])]
+    merged["runs"] = old.get("runs", []) + new.get("runs", [])
+    merged["train_data"] = train_data_of(merged["rows"])
+    return merged
+
+
+def train_data_of(rows: list[dict[str, Any]]) -> str | list[str] | None:
+    """The training data of the rows that were trained: one spec, or the distinct specs in row order."""
+    specs = list(dict.fromkeys(row["train_data"] for row in rows if row.get("train_data")))
+    return specs[0] if len(specs) == 1 else (specs or None)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], unedited: dict[str, Any] | None) -> list[str]:
+    head = ["method", *[title for _, title in columns], "train s/fact", "edit s/fact", "train facts"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if unedited:
+        lines.append("| unedited model | " + " | ".join(_cell(unedited.get(key)) for key, _ in columns) + " | - | - | - |")
+    for row in rows:
+        cells = [row["method"], *[_cell(row.get(key)) for key, _ in columns]]
+        cells += [_cell(row["train_seconds_per_fact"]), _cell(row["edit_seconds_per_fact"]), str(row["train_facts"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _train_text(train_data: str | list[str] | None) -> str:
+    if not train_data:
+        return "none (training-free methods only)"
+    return ", ".join(f"`{spec}`" for spec in ([train_data] if isinstance(train_data, str) else train_data))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: settings, commands, the main table and the data-efficiency table."""
+    columns = _COLUMNS_CF if report["data_kind"] == "counterfact" else _COLUMNS_ZSRE
+    # rows trained on the first K facts go into their own table when the same method also has a full row
+    full = {r["base_method"] for r in report["rows"] if r.get("train_limit") is None}
+    limited = sorted(
+        (r for r in report["rows"] if r.get("train_limit") is not None and r["base_method"] in full),
+        key=lambda r: (r["base_method"], r["train_limit"]),
+    )
+    main = [r for r in report["rows"] if r not in limited]
+    lines = [
+        f"# Editing evaluation: {report['data_kind']}",
+        "",
+        f"Model `{report['model']}` (fingerprint {report['model_fingerprint'][:12]}), device {report['device']}. "
+        f"Evaluation facts: {report['batches']} batches of {report['batch_size']} from `{report['eval_data']}` "
+        + (f"after its first {report['eval_offset']} facts " if report.get("eval_offset") else "")
+        + f"(seed {report['seed']}), {report['mode']} editing; "
+        + ("every metric is measured on the final model after all batches." if report["mode"] == "sequential"
+           else "each batch is edited on the unedited model and measured alone."),
+        f"Training facts: {_train_text(report.get('train_data'))}; the number each method used is in the table.",
+        "Metrics ×100. ES/GS/LS are the paper's (spec §8); avg (paper) is their mean. Retention is the top-1 "
+        "agreement with the unedited model on the locality prompts; avg (clean) is the mean of ES, GS and retention"
+        + (" with the whole-answer (ROME-style, 'seq') ES and GS." if report["data_kind"] == "counterfact" else "."),
+        "Seconds are wall-clock per fact; see the JSON for CPU seconds and load averages.",
+        "",
+        *_table(main, columns, report.get("unedited")),
+    ]
+    if limited:
+        lines += ["", "## Data efficiency (training on the first K facts only)", "", *_table(limited, columns, None)]
+    lines += ["", "## Commands", "", *[f"    {c}" for c in report.get("commands", [])]]
+    runs = report.get("runs", [])
+    if runs:
+        lines += ["", "## Runs", ""]
+        lines += [
+            f"- {r['started']}: {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU, load average "
+            f"{r['load_average_start']} → {r['load_average_end']}, {r['device']}"
+            for r in runs
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Metrics over the edit sequence, one line per method (rows trained on all facts, when there are any)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["efficacy", "generalization", "retention", "specificity"]
+    labels = [r["method"] for r in report["rows"] if r.get("train_limit") is None]
+    labels = labels or [r["method"] for r in report["rows"]]
+    sequences = report.get("sequences", {})
+    with_curve = any(sequences.get(label, {}).get("curve") for label in labels)
+    n_rows = 2 if with_curve else 1
+    fig, axes = plt.subplots(n_rows, len(metrics), figsize=(4.2 * len(metrics), 3.6 * n_rows), squeeze=False)
+    for label in labels:
+        seq = sequences.get(label, {})
+        for j, metric in enumerate(metrics):
+            values = [m.get(metric) for m in seq.get("per_batch", [])]
+            axes[0][j].plot(range(1, len(values) + 1), [math.nan if v is None else v for v in values], label=label)
+            if with_curve and seq.get("curve"):
+                xs = [c["batches"] for c in seq["curve"]]
+                axes[1][j].plot(xs, [math.nan if c.get(metric) is None else c[metric] for c in seq["curve"]], label=label)
+    for j, metric in enumerate(metrics):
+        axes[0][j].set_title(f"{metric}, final model, by batch")
+        axes[0][j].set_xlabel("position of the batch in the edit sequence")
+        if with_curve:
+            axes[1][j].set_title(f"{metric} of all facts edited so far")
+            axes[1][j].set_xlabel("batches edited")
+    axes[0][0].set_ylabel("%")
+    if labels:
+        axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{report['data_kind']}: {report['batches']}×{report['batch_size']} {report['mode']} edits, {report['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], directory: Path, stem: str) -> list[Path]:
+    """Write `<stem>.json`, `<stem>.md` and `<stem>.png` into `directory` (created if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{stem}.{ext}" for ext in ("json", "md", "png")]
+    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    paths[1].write_text(markdown(report))
+    plot(report, paths[2])
+    return paths
