@@ -161,7 +161,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Runs", ""]
         lines += [
             f"- {r['started']}: {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU, load average "
-            f"{r['load_average_start']} → {r['load_average_end']}, {r['device']}"
+            f"{r['load_average_start']} → {r['load_average_end']}, {r['device']}; rows: {', '.join(r.get('methods', []))}"
             for r in runs
         ]
     return "\n".join(lines) + "\n"
