@@ -30,7 +30,6 @@ and `gate.md` are assembled from the finished runs made with the same settings.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -51,10 +50,11 @@ from editing.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_editor, load_che
 from editing.config import EditorConfig, ModelConfig
 from editing.data import EditExample, examples_hash, load_examples, load_zsre
 from editing.emsedit import EMSEditor
+from editing.frozen_layers import FrozenLayers
 from editing.gate import BatchChecker, BatchMeasurement, Gate, GateFact, locality_prompts
 from editing.gate_config import GateConfig
 from editing.history import ModelHistory
-from editing.loading import LoadedModel, load_model
+from editing.loading import LoadedModel, file_sha256, load_model
 from editing.metrics import EvaluationResult, evaluate_examples
 from editing.probes import DriftPolicy, ProbeSuite
 from editing.specificity import FrozenBase, ReferenceStore
@@ -127,14 +127,6 @@ class Env:
     info: dict[str, Any]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def base_evaluation(loaded: LoadedModel, examples: list[EditExample]) -> tuple[EvaluationResult, dict[str, float]]:
     """The unedited model's scores and reference predictions, cached on disk per model and fact set."""
     key = f"{loaded.fingerprint[:16]}-{examples_hash(examples)[:16]}"
@@ -151,12 +143,24 @@ def base_evaluation(loaded: LoadedModel, examples: list[EditExample]) -> tuple[E
     return result, spent
 
 
+def _option(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` of an EditorConfig field, the value parsed as JSON where it parses (true, 100, 1e-3)."""
+    key, sep, value = item.partition("=")
+    if not sep or key not in EditorConfig.model_fields:
+        raise SystemExit(f"--editor-option {item!r}: expected FIELD=VALUE with an [editor] field")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def setup(args: argparse.Namespace) -> Env:
     torch.manual_seed(0)
     clock = Clock()
     loaded = load_model(ModelConfig(device="cpu"), cache_dir=CACHE / "models")
     checkpoint = load_checkpoint(args.editor)
-    editor = build_editor(loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, EditorConfig())
+    options = dict(_option(item) for item in args.editor_option)
+    editor = build_editor(loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, EditorConfig(**options))
     names = editor.module_names
     state = WeightState(loaded.model, names)
     base = FrozenBase.capture(loaded.model, loaded.fingerprint, [f"{name}.weight" for name in names])
@@ -185,6 +189,7 @@ def setup(args: argparse.Namespace) -> Env:
             "training_examples": training.get("n_examples"),
             "optimiser_steps": training.get("optimiser_steps"),
             "training_options": training.get("options"),
+            "edit_time_options": options,
         },
         "facts": len(examples),
         "facts_hash": examples_hash(examples),
@@ -279,9 +284,14 @@ def batch_record(
         record["gate_efficacy"] = _mean([final.efficacy[k] for k in final.efficacy if k in committed])
         record["agreement"] = round(final.specificity.agreement, 4)
         record["mean_kl"] = round(final.specificity.mean_kl, 5)
+        if final.marginal is not None:  # against the model before the batch (measured when the base fails)
+            record["batch_agreement"] = round(final.marginal.agreement, 4)
+            record["batch_mean_kl"] = round(final.marginal.mean_kl, 5)
+    record["pre_batch_measured"] = verdict.pre_batch is not None
+    keys = ("efficacy", "agreement", "mean_kl", "batch_agreement", "batch_mean_kl")
     record["outcomes"] = [
         {"fact": int(o.key), "status": o.status[0]}
-        | {k: round(float(o.numbers[k]), 4) for k in ("efficacy", "agreement", "mean_kl") if k in o.numbers}
+        | {k: round(float(o.numbers[k]), 4) for k in keys if k in o.numbers}
         for o in verdict.outcomes
     ]
     if result.plan is not None and result.plan.steps:
@@ -398,6 +408,12 @@ def run_stream(env: Env, name: str, config: GateConfig, save: Callable[[dict[str
         for key in pending:
             status[key] = "not_applied_" + status.get(key, "never_tried")
         out["edit_wall_s"] = run_clock.read()
+        frozen = gated.frozen
+        out["frozen_layers"] = (
+            None
+            if frozen is None
+            else {"first_edited_layer": frozen.first_edited, "rows_cached": frozen.hits, "rows_run": frozen.misses}
+        )
         committed = {k for k, s in status.items() if s == "committed"}
         counts: dict[str, int] = {}
         for value in status.values():
@@ -428,9 +444,14 @@ class FixedPrompts(BatchChecker):
         self.prompts = list(prompts)
 
     def measure(
-        self, model: Any, tokenizer: Any, facts: Sequence[GateFact], extra_prompts: Sequence[str] = ()
+        self,
+        model: Any,
+        tokenizer: Any,
+        facts: Sequence[GateFact],
+        extra_prompts: Sequence[str] = (),
+        frozen: FrozenLayers | None = None,
     ) -> BatchMeasurement:
-        return super().measure(model, tokenizer, facts, self.prompts)
+        return super().measure(model, tokenizer, facts, self.prompts, frozen)
 
 
 def held_out_train_facts(env: Env, data: Path) -> tuple[list[EditExample], dict[str, Any]]:
@@ -588,6 +609,30 @@ def settings_key(info: dict[str, Any]) -> dict[str, Any]:
     } | {"editor": info["editor"]["editor_safetensors_sha256"]}
 
 
+def run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one run (top-level `gated` / `ungated` objects of gate.json).
+
+    `gate_time_fraction` is the gate's measuring time over the edit time (`propose` + encoding), summed
+    over all batches of the run (isolation re-edits on both sides); the per-batch median is beside it.
+    """
+    final, timing, probes = run["final"], run["timing"], run["final_probes"]
+    return {
+        "facts_committed": run["counts"].get("committed", 0),
+        "efficacy": final["efficacy"],
+        "efficacy_committed": final.get("efficacy_committed"),
+        "generalisation": final["generalisation"],
+        "retention": final["retention"],
+        "probe_accuracy": probes["accuracy"],
+        "base_probe_accuracy": probes["base_accuracy"],
+        "probe_flip_rate": probes["flip_rate"],
+        "gate_time_fraction": timing.get("check_over_edit_pooled"),
+        "gate_time_fraction_median_batch": timing["check_over_edit"]["median"],
+        "gate_seconds_per_batch_median": timing["check_s"]["median"],
+        "edit_seconds_per_batch_median": timing["edit_s"]["median"],
+        "stopped": run.get("stopped"),
+    }
+
+
 def assemble(out: Path, info: dict[str, Any], command: str) -> None:
     """gate.json and gate.md from every finished run with the same settings as `info`."""
     runs: dict[str, Any] = {}
@@ -600,6 +645,7 @@ def assemble(out: Path, info: dict[str, Any], command: str) -> None:
             runs[name] = stored["run"]
             runs[name]["command"] = stored.get("command")
     result: dict[str, Any] = {"info": info, "command": command, "runs": runs}
+    result |= {name: run_summary(run) for name, run in runs.items()}
     for part in ("calibration", "calibration-sequence"):
         calibration = partial_path(out, part)
         if not calibration.is_file():
@@ -691,6 +737,10 @@ def markdown(result: dict[str, Any]) -> str:
         lambda r: (
             f"{_f(r['timing']['check_over_edit']['median'], 2)} ({_f(r['timing']['check_over_edit']['mean'], 2)})"
         ),
+    )
+    row(
+        "gate_time_fraction: check / edit, all batches together (target <= 0.5)",
+        lambda r: _f(r["timing"].get("check_over_edit_pooled"), 2),
     )
     row(
         "check / edit per batch, median (mean), CPU",
@@ -786,6 +836,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder")
     parser.add_argument("--editor", type=Path, default=DEFAULT_EDITOR, help="trained editor checkpoint directory")
     parser.add_argument("--facts", type=int, default=512, help="ZsRE dev facts to edit (the first N)")
+    parser.add_argument(
+        "--editor-option", action="append", default=[], metavar="FIELD=VALUE",
+        help="edit-time [editor] setting, e.g. project_out_mean_key=true (repeatable)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="facts per edit batch")
     parser.add_argument(
         "--probe-every", type=int, default=8, help="run the probes every N batches (0: only at the end)"

@@ -212,6 +212,13 @@ class EditLoop:
 
     # --- one batch -------------------------------------------------------------------------------
 
+    def _gate_fact(self, fact: Fact) -> GateFact:
+        """A claimed fact for the gate; one that failed efficacy before gets a stronger edit signal."""
+        attempts = max(0, fact.attempts - 1)
+        weak = (fact.last_error or "").startswith("efficacy ")
+        strength = self.settings.gate.retry_strength**attempts if weak else 1.0
+        return GateFact(fact.id, fact_example(fact), attempts=attempts, strength=strength)
+
     def run_batch(self) -> BatchReport:
         """Claim, edit, gate and commit one batch; the facts end committed, rejected, failed or pending."""
         assert self.gated is not None
@@ -219,7 +226,7 @@ class EditLoop:
         phases: dict[str, float] = {}
         with self.sessions.begin() as session:
             claimed = claim_pending(session=session, limit=self.settings.editor.batch_size)
-            facts = [GateFact(f.id, fact_example(f), attempts=max(0, f.attempts - 1)) for f in claimed]
+            facts = [self._gate_fact(f) for f in claimed]
         phases["claim"] = time.perf_counter() - began
         report = BatchReport(len(facts))
         if not facts:
@@ -356,6 +363,9 @@ class EditLoop:
                 out["efficacy"] = sum(values) / len(values)
             out["specificity_agreement"] = final.specificity.agreement
             out["specificity_mean_kl"] = final.specificity.mean_kl
+            if final.marginal is not None:  # against the model before the batch (measured when needed)
+                out["batch_agreement"] = final.marginal.agreement
+                out["batch_mean_kl"] = final.marginal.mean_kl
         if result.plan is not None and result.plan.steps:
             out["edit_loss_before"] = result.plan.steps[0].edit_loss
             out["edit_loss_last_step"] = result.plan.steps[-1].edit_loss
@@ -577,6 +587,9 @@ def _gate_scores(verdict: GateVerdict) -> dict[str, float]:
             scores["efficacy"] = sum(values) / len(values)
         scores["agreement"] = final.specificity.agreement
         scores["mean_kl"] = final.specificity.mean_kl
+        if final.marginal is not None:
+            scores["batch_agreement"] = final.marginal.agreement
+            scores["batch_mean_kl"] = final.marginal.mean_kl
     return scores
 
 

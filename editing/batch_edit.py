@@ -13,15 +13,21 @@ weights the gate measured are bit-identical to the weights a commit of the same 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from editing.deltas import EditPlan, apply, restore, snapshot
 from editing.emsedit import EMSEditor
+from editing.frozen_layers import FrozenLayers
 from editing.gate import BatchChecker, BatchMeasurement, Gate, GateFact, GateVerdict, locality_prompts
 from editing.history import PreparedCommit, prepare_commit
+from editing.tokenise import pad_id
 from editing.weights import WeightState
+
+logger = logging.getLogger(__name__)
 
 
 class EditInterrupted(Exception):
@@ -61,6 +67,28 @@ class GatedEditor:
         self.state = state
         self.gate = gate
         self.checker = checker
+        #: the lower layers' cache of the checks (`editing.frozen_layers`); set up on the first batch
+        self.frozen: FrozenLayers | None = None
+        self._frozen_checked = False
+
+    def _frozen_layers(self) -> FrozenLayers | None:
+        """The checks' cache of the layers below the edited ones, verified once on this model (under the lock).
+
+        None when the cache is off, nothing lies below the edited modules, or the model's stack does not
+        fit the upper-layers pass (then every check runs the whole model, as it would without the cache).
+        """
+        if not self._frozen_checked:
+            self._frozen_checked = True
+            frozen = FrozenLayers.locate(
+                self.editor.model, self.state.module_names, self.checker.config.frozen_layer_cache_tokens
+            )
+            if frozen is not None:
+                problem = frozen.verify(self.editor.model, pad_id(self.editor.tokenizer))
+                if problem is not None:
+                    logger.warning("the gate runs every layer for its checks: %s", problem)
+                    frozen = None
+            self.frozen = frozen
+        return self.frozen
 
     def edit(
         self,
@@ -81,6 +109,7 @@ class GatedEditor:
         phases = {"propose": 0.0, "encode": 0.0, "check": 0.0}
         last = _Try()
         with self.state.writing():
+            frozen = self._frozen_layers()
             masters = self.state.masters()
             saved = snapshot(model, names)
 
@@ -91,7 +120,14 @@ class GatedEditor:
                 last.plan, last.prepared, last.keys = None, None, tuple(f.key for f in subset)
                 if subset:
                     began = time.perf_counter()
-                    plan = self.editor.propose([f.example for f in subset], masters)
+                    examples, strengths = [f.example for f in subset], [f.strength for f in subset]
+                    # The editor runs the model on the facts' prompt + answer rows, which are the efficacy
+                    # rows of the check: their lower layers are recorded on the way.
+                    with frozen.recording(model) if frozen is not None else nullcontext():
+                        if any(s != 1.0 for s in strengths):
+                            plan = self.editor.propose(examples, masters, strengths=strengths)
+                        else:
+                            plan = self.editor.propose(examples, masters)
                     phases["propose"] += time.perf_counter() - began
                     began = time.perf_counter()
                     prepared = prepare_commit(plan.deltas, plan.editor_state)
@@ -100,12 +136,22 @@ class GatedEditor:
                     apply(model, prepared.deltas, dict(masters))
                     last.plan, last.prepared = plan, prepared
                 began = time.perf_counter()
-                measured = self.checker.measure(model, tokenizer, subset, extra)
+                measured = self.checker.measure(model, tokenizer, subset, extra, frozen)
                 phases["check"] += time.perf_counter() - began
                 return measured
 
+            def measure_pre_batch() -> BatchMeasurement:
+                # the model before the batch, then back to the last try's weights (same add, bit-identical)
+                restore(model, saved)
+                began = time.perf_counter()
+                measured = self.checker.measure(model, tokenizer, [], extra, frozen)
+                phases["check"] += time.perf_counter() - began
+                if last.prepared is not None:
+                    apply(model, last.prepared.deltas, dict(masters))
+                return measured
+
             try:
-                verdict = self.gate.decide(facts, try_batch, pre_batch=pre_batch)
+                verdict = self.gate.decide(facts, try_batch, pre_batch=pre_batch or measure_pre_batch)
             finally:
                 restore(model, saved)
         committed = verdict.committed

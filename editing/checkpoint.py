@@ -25,7 +25,9 @@ from editing.errors import CheckpointError, ModelMismatch
 from editing.hypernet import EditorNets
 from editing.targets import weight_in_out
 
-FORMAT_VERSION = 1
+# 2: edit gradients δ come from the per-fact loss (`emsedit.fact_loss`); the normaliser statistics of a
+# version 1 checkpoint were gathered on batch-mean gradients, about B times smaller, and do not fit.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor_config.json"
 PACKAGE = "lifelong-edit-daemon"

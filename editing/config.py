@@ -114,6 +114,13 @@ class EditorConfig(BaseModel):
             "ridge solve, so that edits move typical unrelated keys less. 0 is EMSEdit's plain ridge solve."
         ),
     )
+    project_out_mean_key: bool = Field(
+        False,
+        description=(
+            "Solve on keys with their running mean (the normaliser's) projected out, so an edit leaves the "
+            "module's response to the component every key shares unchanged: unrelated prompts move less."
+        ),
+    )
     solve_form: Literal["auto", "primal", "dual"] = Field(
         "auto", description="Ridge solve form: 'auto' takes the smaller linear system (dual when rows < d_in)."
     )

@@ -50,6 +50,7 @@ def split_batch(batch: TokenBatch, size: int) -> Iterator[TokenBatch]:
             input_ids=batch.input_ids[start : start + size, :width],
             attention_mask=mask[:, :width],
             labels=batch.labels[start : start + size, :width],
+            strengths=batch.strengths[start : start + size] if batch.strengths is not None else None,
         )
 
 
@@ -57,6 +58,39 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions with a label (labels are pre-shifted; never shift again)."""
     selected = labels != -100
     return F.cross_entropy(logits[selected].float(), labels[selected])
+
+
+def fact_loss(logits: torch.Tensor, labels: torch.Tensor, strengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over rows of each row's mean cross-entropy over its labelled positions (times its strength).
+
+    The edit signal: every fact weighs the same whatever its answer length and, unlike the batch mean,
+    whatever else is in the batch, so the δ a fact produces does not grow when it is edited alone or in a
+    small batch (the gate's bisection and retries edit subsets; a batch mean made a single fact's δ about
+    B times larger than in the batch of B it was trained and calibrated on).
+    """
+    selected = labels != -100
+    ce = F.cross_entropy(logits[selected].float(), labels[selected], reduction="none")
+    row_of_position = selected.nonzero()[:, 0]  # same row-major order as logits[selected]
+    counts = selected.sum(1).clamp(min=1).to(ce.dtype)
+    weights = 1.0 / counts
+    if strengths is not None:  # a stronger edit signal for chosen facts (the gate's efficacy retries)
+        weights = weights * strengths.to(device=ce.device, dtype=ce.dtype)
+    return (ce * weights[row_of_position]).sum()
+
+
+def project_out(keys: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`keys` (N, d) with their component along `direction` (d,) removed (unchanged if it is ~0).
+
+    Solving on the projected keys puts every row of ΔW orthogonal to `direction`, so ΔW leaves the
+    module's response to it unchanged while the edit keys, whose projected parts carry the edit, still
+    get their values.
+    """
+    norm = direction.norm()
+    if float(norm) < 1e-12:
+        return keys
+    unit = (direction / norm).to(keys.dtype)
+    projected: torch.Tensor = keys - (keys @ unit)[:, None] * unit[None, :]
+    return projected
 
 
 def lm_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -75,21 +109,25 @@ def traced_loss_passes(
     *,
     weight_grads: bool,
     scale: float = 1.0,
+    per_fact: bool = False,
 ) -> tuple[Trace, float]:
-    """Forward and backward the answer loss, one mean per LM mini-batch; returns the trace and the summed loss.
+    """Forward and backward the answer loss per LM mini-batch; returns the trace and the loss.
 
-    The trace holds (u, δ) at the answer-predicting positions and, with `weight_grads`,
-    ∂(scale · Σ_mb loss)/∂W. The returned loss is unscaled.
+    The loss is one token mean per LM mini-batch (`answer_loss`; the returned loss is their sum) or,
+    with `per_fact`, `fact_loss` (the returned loss is then the mean per fact). The trace holds (u, δ)
+    at the answer-predicting positions and, with `weight_grads`, ∂(scale · Σ_mb loss)/∂W. The returned
+    loss is unscaled.
     """
     total = 0.0
     with torch.enable_grad(), trace_modules(modules, weight_grads=weight_grads) as trace:
         for chunk in split_batch(batch, lm_batch_size):
             trace.select = chunk.labels != -100
             logits = lm_logits(model, chunk)  # on the last device of a device_map, not the input's
-            loss = answer_loss(logits, chunk.labels.to(logits.device))
+            labels = chunk.labels.to(logits.device)
+            loss = fact_loss(logits, labels, chunk.strengths) if per_fact else answer_loss(logits, labels)
             (loss * scale).backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
-    return trace, total
+    return trace, total / max(1, len(batch)) if per_fact else total
 
 
 @dataclass(frozen=True)
@@ -141,8 +179,14 @@ class EMSEditor:
         return tokenise(self.tokenizer, [e.prompt for e in examples], [e.target_new for e in examples])
 
     def capture(self, batch: TokenBatch) -> tuple[Captures, float]:
-        """(K, D) per module at the answer-predicting positions on the current weights, and the edit loss."""
-        trace, loss = traced_loss_passes(self.model, self.modules, batch, self.config.lm_batch_size, weight_grads=False)
+        """(K, D) per module at the answer-predicting positions on the current weights, and the edit loss.
+
+        δ comes from `fact_loss`, so a fact's rows are the same whether it is edited alone or in a batch;
+        the loss returned is the mean cross-entropy per fact.
+        """
+        trace, loss = traced_loss_passes(
+            self.model, self.modules, batch, self.config.lm_batch_size, weight_grads=False, per_fact=True
+        )
         captures: Captures = {}
         for name in self.modules:
             keys, grads = trace.stacked(name)
@@ -160,9 +204,11 @@ class EMSEditor:
         net, idx = self.nets.net(step, name)
         values = net.values(keys, grads, idx)
         prior = None
+        stats = net.normaliser
         if self.config.preserve_keys > 0:
-            stats = net.normaliser
             prior = key_prior(stats.mean[: net.key_size], stats.var[: net.key_size], self.config.preserve_keys)
+        if self.config.project_out_mean_key:
+            keys = project_out(keys, stats.mean[: net.key_size])
         return ridge_solve(keys, values, net.ridge(idx), self.config.solve_form, prior)
 
     def hyper_backward(self, step: int, captures: Captures, weight_grads: Deltas) -> None:
@@ -202,14 +248,27 @@ class EMSEditor:
         norm = float(sum(float(d.square().sum()) for d in deltas.values()) ** 0.5)
         return StepRecord(captures, deltas, StepDiagnostics(step, loss, rows, norm))
 
-    def propose(self, examples: Sequence[EditExample], masters: dict[str, torch.Tensor] | None = None) -> EditPlan:
+    def propose(
+        self,
+        examples: Sequence[EditExample],
+        masters: dict[str, torch.Tensor] | None = None,
+        *,
+        strengths: Sequence[float] | None = None,
+    ) -> EditPlan:
         """Compute the S-step edit of `examples` on the current weights.
+
+        `strengths` (one per example, default 1) weight each fact's loss and so its edit signal: the
+        gate edits a fact that failed efficacy again with a larger one.
 
         Invariant: the model's weights are bit-identical before and after, and the editor's state
         (normaliser statistics) is unchanged; the state the edit produced is in `plan.editor_state`.
         `masters` (float32 (in, out) copies of the current weights) are read, never changed.
         """
         batch = self.tokenise(examples)
+        if strengths is not None:
+            if len(strengths) != len(examples):
+                raise ValueError(f"{len(strengths)} strengths for {len(examples)} examples")
+            batch.strengths = torch.tensor([float(s) for s in strengths], dtype=torch.float32)
         state_before = self.nets.normaliser_state()
         work = {name: t.clone() for name, t in masters.items()} if masters else master_copies(self.model, self.module_names)
         saved = snapshot(self.model, self.module_names)

@@ -5,16 +5,22 @@ accuracy of its target on its prompt, spec §8.1) and specificity against the fr
 standing prompts plus the batch's locality prompts (`editing.specificity`).
 
 `Gate.decide` drives a caller-supplied `try_batch(facts) -> BatchMeasurement`, which restores the
-pre-batch weights, edits exactly `facts` (none: leaves the pre-batch state) and measures. Algorithm:
+pre-batch weights, edits exactly `facts` (none: leaves the pre-batch state) and measures.
+
+Specificity passes when both budgets hold (`editing.gate_config`): the cumulative one (agreement and
+KL against the frozen base) and the per-batch one (what this batch changed). The per-batch budget is
+first checked against the base, which needs no extra pass; only when that fails is the model before the
+batch measured once (lazily, on the same prompts) and the try compared with it (`marginal`). Algorithm:
 
 1. Try the whole batch. If specificity passes, go to 3.
-2. Specificity fails. If the pre-batch state already fails, the batch is not to blame: every fact is
-   deferred and the verdict is `blocked` (the drift policy's business). Otherwise bisect: a failing set
+2. Specificity fails. If the pre-batch state already fails the cumulative budget, the batch is not to
+   blame: every fact is deferred and the verdict is `blocked` (the drift policy's business). Otherwise bisect: a failing set
    of more than one fact is split in halves, each re-edited from the pre-batch state and measured; a
    failing half is bisected further, a passing half is clean, a failing single fact is rejected with its
-   numbers. When both halves pass but their union fails (harm that only adds up), the half with the
-   larger harm is sent back for a later batch. With k harmful facts among n this costs at most
-   2·k·⌈log2 n⌉ re-edits.
+   numbers if its own change breaks the per-batch budget, and deferred otherwise (it is harmless, but
+   the cumulative budget has no room left; when no fact commits, the verdict is `blocked`). When both
+   halves pass but their union fails (harm that only adds up), the half with the larger harm is sent
+   back for a later batch. With k harmful facts among n this costs at most 2·k·⌈log2 n⌉ re-edits.
 3. Facts whose efficacy is below the threshold leave the batch: retried later (up to
    `efficacy_retries` times), then failed. The remaining facts are re-edited and re-checked (back to 2).
 
@@ -28,15 +34,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from editing.data import EditExample
+from editing.frozen_layers import FrozenLayers
 from editing.gate_config import GateConfig
 from editing.scoring import answer_scores
-from editing.specificity import ReferenceStore, SpecificityCheck, SpecificityResult, standing_prompts
+from editing.specificity import (
+    ReferenceStore,
+    SpecificityCheck,
+    SpecificityResult,
+    compare_distributions,
+    standing_prompts,
+)
 
 FactKey = int | str
 Status = Literal["committed", "rejected", "retry", "failed", "deferred"]
@@ -49,6 +63,7 @@ class GateFact:
     key: FactKey
     example: EditExample
     attempts: int = 0
+    strength: float = 1.0  #: weight of its edit signal (raised when it failed efficacy before)
 
 
 def locality_prompts(facts: Sequence[GateFact]) -> list[str]:
@@ -62,19 +77,30 @@ class BatchMeasurement:
 
     facts: tuple[FactKey, ...]
     efficacy: Mapping[FactKey, float]  #: teacher-forced token accuracy of each fact's target
-    specificity: SpecificityResult
+    specificity: SpecificityResult  #: against the frozen base model
     seconds: float  #: time spent measuring (not editing)
+    marginal: SpecificityResult | None = None  #: against the model before the batch, when it was needed
+    #: the live model's next-token log-probabilities on the specificity prompts (not recorded)
+    logprobs: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "facts": list(self.facts),
             "efficacy": [{"fact": key, "efficacy": value} for key, value in self.efficacy.items()],
             "specificity": self.specificity.to_dict(),
             "seconds": self.seconds,
         }
+        if self.marginal is not None:
+            out["marginal"] = self.marginal.to_dict()
+        return out
+
+    def without_logprobs(self) -> BatchMeasurement:
+        return replace(self, logprobs=None) if self.logprobs is not None else self
 
 
 TryBatch = Callable[[Sequence[GateFact]], BatchMeasurement]
+#: Measures the model before the batch and leaves the weights of the last try in place.
+MeasurePreBatch = Callable[[], BatchMeasurement]
 
 
 class BatchChecker:
@@ -91,12 +117,18 @@ class BatchChecker:
         return cls(config, SpecificityCheck(references, standing, config.batch_size))
 
     def measure(
-        self, model: nn.Module, tokenizer: Any, facts: Sequence[GateFact], extra_prompts: Sequence[str] = ()
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        facts: Sequence[GateFact],
+        extra_prompts: Sequence[str] = (),
+        frozen: FrozenLayers | None = None,
     ) -> BatchMeasurement:
         """Efficacy of `facts` and specificity on the standing prompts plus `extra_prompts`.
 
         Pass the same `extra_prompts` (e.g. `locality_prompts(batch)`) for every subset of one batch, so
-        that all tries are measured on the same prompts.
+        that all tries are measured on the same prompts. With `frozen` the layers below the edited ones
+        are not run again for rows it has seen (`editing.frozen_layers`).
         """
         started = time.perf_counter()
         efficacy: dict[FactKey, float] = {}
@@ -104,12 +136,14 @@ class BatchChecker:
             prompts = [f.example.prompt for f in facts]
             targets = [f.example.target_new for f in facts]
             accuracy = answer_scores(
-                model, tokenizer, prompts, targets, self.config.batch_size
+                model, tokenizer, prompts, targets, self.config.batch_size, frozen=frozen
             ).token_accuracy
             efficacy = {f.key: float(a) for f, a in zip(facts, accuracy.tolist(), strict=True)}
         extra = extra_prompts if self.config.use_locality_prompts else ()
-        spec = self.specificity.measure(model, tokenizer, extra)
-        return BatchMeasurement(tuple(f.key for f in facts), efficacy, spec, time.perf_counter() - started)
+        spec, live = self.specificity.measure_live(model, tokenizer, extra, frozen=frozen)
+        return BatchMeasurement(
+            tuple(f.key for f in facts), efficacy, spec, time.perf_counter() - started, logprobs=live
+        )
 
 
 @dataclass(frozen=True)
@@ -162,9 +196,29 @@ class GateVerdict:
 
 def _numbers(measurement: BatchMeasurement, key: FactKey | None = None) -> dict[str, float]:
     out: dict[str, float] = {k: float(v) for k, v in measurement.specificity.to_dict().items()}
+    if measurement.marginal is not None:
+        out |= {f"batch_{k}": float(v) for k, v in measurement.marginal.to_dict().items() if k != "n_prompts"}
     if key is not None and key in measurement.efficacy:
         out["efficacy"] = measurement.efficacy[key]
     return out
+
+
+def _failure(
+    result: SpecificityResult, agreement_name: str, min_agreement: float, kl_name: str, max_kl: float, against: str
+) -> str | None:
+    problems = []
+    if result.agreement < min_agreement:
+        problems.append(f"agreement {result.agreement:.3f} < {agreement_name} {min_agreement}")
+    if result.mean_kl > max_kl:
+        problems.append(f"mean KL {result.mean_kl:.4f} > {kl_name} {max_kl}")
+    if problems:
+        problems.append(f"on {result.n_prompts} unrelated prompts, against {against}")
+    return "; ".join(problems) or None
+
+
+def _closeness(result: SpecificityResult, min_agreement: float, max_kl: float) -> float:
+    disagreement = (1.0 - result.agreement) / max(1e-9, 1.0 - min_agreement)
+    return max(disagreement, result.mean_kl / max(1e-12, max_kl))
 
 
 class _BudgetExhausted(Exception):
@@ -174,13 +228,17 @@ class _BudgetExhausted(Exception):
 class _Decision:
     """The state of one `Gate.decide` call: tries made, outcomes so far, the last try."""
 
-    def __init__(self, gate: Gate, try_batch: TryBatch) -> None:
+    def __init__(self, gate: Gate, try_batch: TryBatch, measure_pre: MeasurePreBatch | None = None) -> None:
         self.gate = gate
         self.try_batch = try_batch
+        self.measure_pre = measure_pre
+        self.pre: BatchMeasurement | None = None
         self.edits = 0
         self.measure_seconds = 0.0
         self.outcomes: dict[FactKey, FactOutcome] = {}
         self.last: tuple[tuple[FactKey, ...], BatchMeasurement] | None = None
+        self.applied: tuple[FactKey, ...] | None = None  #: the facts the weights hold now (last try_batch)
+        self.no_room: str | None = None  #: set when a fact harmless on its own found no cumulative budget
 
     def attempt(self, facts: Sequence[GateFact]) -> BatchMeasurement:
         """Re-edit `facts` from the pre-batch state and measure (budgeted)."""
@@ -193,14 +251,54 @@ class _Decision:
         self.edits += 1
         self.measure_seconds += measurement.seconds
         self.last = (keys, measurement)
+        self.applied = keys
         return measurement
 
     def measure_pre_batch(self) -> BatchMeasurement:
-        """Measure the state before the batch (an empty try: no edit, not budgeted)."""
-        measurement = self.try_batch([])
+        """The state before the batch, measured once (not budgeted).
+
+        With `measure_pre` the weights of the last try stay in place; otherwise it is an empty try.
+        """
+        if self.pre is not None:
+            return self.pre
+        if self.measure_pre is not None:
+            measurement = self.measure_pre()
+        else:
+            measurement = self.try_batch([])
+            self.last, self.applied = ((), measurement), ()
         self.measure_seconds += measurement.seconds
-        self.last = ((), measurement)
+        self.pre = measurement
         return measurement
+
+    def judge(self, measured: BatchMeasurement) -> tuple[BatchMeasurement, str | None]:
+        """Why a try fails specificity (None: it passes), and the try with its marginal numbers if measured.
+
+        The cumulative budget is checked against the base. The per-batch budget is checked against the
+        base first; only when that fails is the try compared with the model before the batch.
+        """
+        gate = self.gate
+        failure = gate.specificity_failure(measured.specificity)
+        if failure is not None or not measured.facts:
+            return measured, failure
+        if gate.batch_failure(measured.specificity) is None:
+            return measured, None
+        return self.own_harm(measured)
+
+    def own_harm(self, measured: BatchMeasurement) -> tuple[BatchMeasurement, str | None]:
+        """Why a try fails the per-batch budget against the model before the batch (None: it passes).
+
+        Returns the try with its marginal numbers (remembered as the last try when it is). Without
+        log-probabilities to compare, the base stands in for the model before the batch.
+        """
+        if measured.marginal is None:
+            pre = self.measure_pre_batch()
+            if pre.logprobs is None or measured.logprobs is None:
+                return measured, self.gate.batch_failure(measured.specificity)
+            measured = replace(measured, marginal=compare_distributions(pre.logprobs, measured.logprobs))
+            if self.last is not None and self.last[0] == measured.facts:
+                self.last = (measured.facts, measured)
+        assert measured.marginal is not None
+        return measured, self.gate.batch_failure(measured.marginal, against="the model before the batch")
 
     def settle(self, fact: GateFact, status: Status, reason: str, numbers: dict[str, float]) -> None:
         attempts = fact.attempts + (0 if status == "deferred" else 1)
@@ -210,29 +308,27 @@ class _Decision:
 
     def isolate(self, facts: list[GateFact], measured: BatchMeasurement) -> list[GateFact]:
         """The clean facts of `facts`; the harmful ones get their outcome (module doc, step 2)."""
-        failure = self.gate.specificity_failure(measured.specificity)
+        measured, failure = self.judge(measured)
         if failure is None:
             return facts
         if len(facts) == 1:
-            self.settle(
-                facts[0],
-                "rejected",
-                f"harms specificity on its own: {failure}",
-                _numbers(measured, facts[0].key),
-            )
+            measured, own = self.own_harm(measured)
+            if own is None:
+                # its own change is within the per-batch budget: the cumulative budget has no room left,
+                # which is not the fact's fault (the drift policy's business, like a blocked batch)
+                self.no_room = failure
+                reason = f"no room left in the cumulative budget: {failure}"
+                self.settle(facts[0], "deferred", reason, _numbers(measured, facts[0].key))
+            else:
+                self.settle(facts[0], "rejected", f"harms specificity on its own: {own}", _numbers(measured, facts[0].key))
             return []
         left, right = facts[: len(facts) // 2], facts[len(facts) // 2 :]
-        m_left, m_right = self.attempt(left), self.attempt(right)
-        if self.gate.specificity_failure(m_left.specificity) or self.gate.specificity_failure(
-            m_right.specificity
-        ):
+        m_left, left_failure = self.judge(self.attempt(left))
+        m_right, right_failure = self.judge(self.attempt(right))
+        if left_failure or right_failure:
             return self.isolate(left, m_left) + self.isolate(right, m_right)
         # each half passes alone but not together: keep the gentler half, send the other back
-        keep, drop = (
-            (left, right)
-            if self.gate.harm(m_left.specificity) <= self.gate.harm(m_right.specificity)
-            else (right, left)
-        )
+        keep, drop = (left, right) if self.gate.harm(m_left) <= self.gate.harm(m_right) else (right, left)
         others = ", ".join(str(f.key) for f in keep)
         for fact in drop:
             reason = f"passes with part of the batch but not together with facts {others}: {failure}"
@@ -259,36 +355,53 @@ class Gate:
         self.config = config
 
     def specificity_failure(self, result: SpecificityResult) -> str | None:
-        """Why `result` fails the specificity thresholds, or None when it passes."""
-        problems = []
-        if result.agreement < self.config.min_agreement:
-            problems.append(f"agreement {result.agreement:.3f} < min_agreement {self.config.min_agreement}")
-        if result.mean_kl > self.config.max_kl:
-            problems.append(f"mean KL {result.mean_kl:.4f} > max_kl {self.config.max_kl}")
-        if problems:
-            problems.append(f"on {result.n_prompts} unrelated prompts")
-        return "; ".join(problems) or None
+        """Why `result` (against the frozen base) fails the cumulative budget, or None when it passes."""
+        return _failure(result, "min_agreement", self.config.min_agreement, "max_kl", self.config.max_kl, "the base")
 
-    def harm(self, result: SpecificityResult) -> float:
-        """How close `result` is to the thresholds (1.0 at a threshold), for comparing passing sets."""
-        disagreement = (1.0 - result.agreement) / max(1e-9, 1.0 - self.config.min_agreement)
-        return max(disagreement, result.mean_kl / max(1e-12, self.config.max_kl))
+    def batch_failure(self, result: SpecificityResult, against: str = "the base") -> str | None:
+        """Why `result` fails the per-batch budget, or None when it passes."""
+        config = self.config
+        return _failure(result, "min_batch_agreement", config.min_batch_agreement, "max_batch_kl", config.max_batch_kl, against)
+
+    def harm(self, measured: BatchMeasurement) -> float:
+        """How close a try is to its budgets (1.0 at a threshold), for comparing passing sets."""
+        config = self.config
+        cumulative = _closeness(measured.specificity, config.min_agreement, config.max_kl)
+        batch = measured.marginal or measured.specificity
+        return max(cumulative, _closeness(batch, config.min_batch_agreement, config.max_batch_kl))
 
     def decide(
-        self, facts: Sequence[GateFact], try_batch: TryBatch, *, pre_batch: BatchMeasurement | None = None
+        self,
+        facts: Sequence[GateFact],
+        try_batch: TryBatch,
+        *,
+        pre_batch: BatchMeasurement | MeasurePreBatch | None = None,
     ) -> GateVerdict:
-        """Run the gate on one batch; `pre_batch` is the measurement of the state before it, if known."""
+        """Run the gate on one batch.
+
+        `pre_batch` is the measurement of the state before the batch, if known, or a function that
+        measures it and leaves the weights of the last try in place (without one, the gate measures it
+        with an empty try when it needs it, and re-tries the committed facts last if that was the
+        last try). Measurements in the verdict carry no log-probabilities.
+        """
         if len({f.key for f in facts}) != len(facts):
             raise ValueError("facts in one batch must have distinct keys")
         started = time.perf_counter()
-        run = _Decision(self, try_batch)
+        run = _Decision(self, try_batch, pre_batch if callable(pre_batch) else None)
+        if isinstance(pre_batch, BatchMeasurement):
+            run.pre = pre_batch
         candidates, final, blocked = list(facts), None, None
         try:
             if candidates:
                 final = run.attempt(candidates)
             if not self.config.enabled:
-                return self._verdict(facts, run, final, None, started, note="gate disabled")
-            candidates, final, pre_batch, blocked = self._settle_batch(run, candidates, final, pre_batch)
+                return self._verdict(facts, run, final, started, note="gate disabled")
+            candidates, final, blocked = self._settle_batch(run, candidates, final)
+            if blocked is None and final is None and run.no_room is not None:
+                blocked = f"the cumulative budget has no room for any fact of this batch: {run.no_room}"
+            if final is not None and run.applied != final.facts:
+                # the pre-batch state was measured after the committed facts' last try: apply them again
+                final = replace(run.attempt(candidates), marginal=final.marginal)
         except _BudgetExhausted:
             for fact in facts:
                 if fact.key not in run.outcomes:
@@ -296,26 +409,21 @@ class Gate:
                         fact, "retry", f"isolation stopped after {run.edits} edits (max_isolation_edits)", {}
                     )
             final = None
-        return self._verdict(facts, run, final, pre_batch, started, blocked=blocked)
+        return self._verdict(facts, run, final, started, blocked=blocked)
 
     def _settle_batch(
-        self,
-        run: _Decision,
-        candidates: list[GateFact],
-        current: BatchMeasurement | None,
-        pre_batch: BatchMeasurement | None,
-    ) -> tuple[list[GateFact], BatchMeasurement | None, BatchMeasurement | None, str | None]:
+        self, run: _Decision, candidates: list[GateFact], current: BatchMeasurement | None
+    ) -> tuple[list[GateFact], BatchMeasurement | None, str | None]:
         """Steps 2 and 3 of the module doc until the candidates pass or none is left."""
         while candidates and current is not None:
-            failure = self.specificity_failure(current.specificity)
+            current, failure = run.judge(current)
             if failure is None:
                 kept = run.drop_weak(candidates, current)
                 if len(kept) == len(candidates):
-                    return candidates, current, pre_batch, None
+                    return candidates, current, None
                 candidates = kept
             else:
-                if pre_batch is None:
-                    pre_batch = run.measure_pre_batch()
+                pre_batch = run.measure_pre_batch()
                 pre_failure = self.specificity_failure(pre_batch.specificity)
                 if pre_failure is not None:
                     return self._block(run, candidates, pre_batch, pre_failure)
@@ -327,25 +435,24 @@ class Gate:
                             f"batch fails specificity (isolation is off): {failure}",
                             _numbers(current, fact.key),
                         )
-                    return [], None, pre_batch, None
+                    return [], None, None
                 candidates = run.isolate(candidates, current)
             current = run.attempt(candidates) if candidates else None
-        return candidates, current, pre_batch, None
+        return candidates, current, None
 
     def _block(
         self, run: _Decision, candidates: list[GateFact], pre_batch: BatchMeasurement, failure: str
-    ) -> tuple[list[GateFact], None, BatchMeasurement, str]:
+    ) -> tuple[list[GateFact], None, str]:
         reason = f"the model before this batch already fails specificity: {failure}"
         for fact in candidates:
             run.settle(fact, "deferred", reason, _numbers(pre_batch))
-        return [], None, pre_batch, reason
+        return [], None, reason
 
     def _verdict(
         self,
         facts: Sequence[GateFact],
         run: _Decision,
         final: BatchMeasurement | None,
-        pre_batch: BatchMeasurement | None,
         started: float,
         *,
         blocked: str | None = None,
@@ -360,8 +467,8 @@ class Gate:
         committed = any(o.status == "committed" for o in outcomes)
         return GateVerdict(
             outcomes,
-            final if committed else None,
-            pre_batch,
+            final.without_logprobs() if committed and final is not None else None,
+            run.pre.without_logprobs() if run.pre is not None else None,
             run.edits,
             time.perf_counter() - started,
             run.measure_seconds,

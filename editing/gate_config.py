@@ -1,8 +1,20 @@
 """Typed configuration section of the commit gate (`editing/` owns the gate's measurements).
 
 Two kinds of check read this section: the per-batch check before every commit (efficacy of each fact,
-specificity against the frozen base model, isolation of harmful facts) and the periodic GLUE-style
-probes (drift against the base model, and what the daemon does when it is too large).
+specificity, isolation of harmful facts) and the periodic GLUE-style probes (drift against the base
+model, and what the daemon does when it is too large).
+
+Specificity has two budgets. The per-batch one (`min_batch_agreement`, `max_batch_kl`) bounds what a
+single batch changes on unrelated prompts, measured against the model before the batch, so one harmful
+fact is caught however far earlier edits have moved the model. The cumulative one (`min_agreement`,
+`max_kl`) bounds the distance of the edited model from the frozen base; once the model has used it up,
+the gate blocks and the drift policy decides (pause, or revert).
+
+Defaults, from the measured edits of the default editor on SmolLM2 (docs/gate.md, "Defaults"): one
+batch of 16 held-out ZsRE facts changes 22 to 34 % of the unrelated prompts' top-1 tokens at a mean KL
+of 0.47 to 0.83 nats, so the per-batch budget (agreement 0.6, KL 1.0) passes a typical batch and
+catches the outliers; the cumulative budget (agreement 0.5, KL 2.0) keeps at least half of the
+unrelated next-token predictions, which that editor reaches after about three batches.
 """
 
 from __future__ import annotations
@@ -35,19 +47,46 @@ class GateConfig(BaseModel):
         le=20,
         description="How many more times a fact failing efficacy is tried before it is marked failed.",
     )
+    retry_strength: float = Field(
+        2.0,
+        ge=1.0,
+        le=100.0,
+        description="A fact retried after failing efficacy is edited with its edit signal (the weight of its "
+        "loss) multiplied by this, once per failed try; the gate checks the stronger edit like any other.",
+    )
     retry_batch_size: int = Field(
         4,
         ge=1,
         le=4096,
         description="Facts that failed efficacy are retried in batches of at most this many.",
     )
+    min_batch_agreement: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="What one batch may change: top-1 agreement on unrelated prompts with the model before the "
+        "batch (while the edited model is this close to the frozen base, the base stands in and the model before "
+        "the batch is not measured).",
+    )
+    max_batch_kl: float = Field(
+        1.0,
+        ge=0.0,
+        description="What one batch may change: mean KL(before || after) of next-token distributions on unrelated "
+        "prompts, against the model before the batch (nats; the base stands in as for min_batch_agreement).",
+    )
     min_agreement: float = Field(
-        0.9, ge=0.0, le=1.0, description="Top-1 agreement with the frozen base model on unrelated prompts."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="The budget of all edits together: top-1 agreement with the frozen base model on unrelated "
+        "prompts. When the model before a batch is already below it, editing is blocked (the drift policy's "
+        "business).",
     )
     max_kl: float = Field(
-        0.1,
+        2.0,
         ge=0.0,
-        description="Mean KL(base || edited) of next-token distributions on unrelated prompts (nats).",
+        description="The budget of all edits together: mean KL(base || edited) of next-token distributions on "
+        "unrelated prompts (nats); blocks editing like min_agreement.",
     )
     specificity_prompts: int = Field(
         16,
@@ -67,6 +106,13 @@ class GateConfig(BaseModel):
         48, ge=1, le=10000, description="Most re-edits one batch may spend on isolation and re-checks."
     )
     batch_size: int = Field(16, ge=1, le=1024, description="Prompts per forward pass when the gate scores the model.")
+    frozen_layer_cache_tokens: int = Field(
+        16384,
+        ge=0,
+        le=10_000_000,
+        description="Tokens whose hidden states below the lowest edited layer the gate keeps (those layers "
+        "never change, so a check runs only the layers from the first edited one; 0: run every layer).",
+    )
 
     # --- periodic probes --------------------------------------------------------------------------
     probe_data: Path | None = Field(

@@ -195,14 +195,16 @@ def model_fingerprint(model: nn.Module) -> str:
     """A sha256 over the model's configuration and every parameter's name, shape, dtype and bytes.
 
     It identifies the exact base weights that edits and checkpoints were made for. Buffers are left
-    out (rotary caches and the like are derived from the configuration).
+    out (rotary caches and the like are derived from the configuration), and so is how the weights
+    were loaded: `quantization_config` says a GGUF file was de-quantised on this load and is absent
+    when the same floats come back from the cache, so it would give one model two fingerprints (the
+    parameters' dtypes and bytes identify quantised weights anyway).
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        as_dict = {
-            k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in {"dtype", "torch_dtype"}
-        }
+        skip = {"dtype", "torch_dtype", "quantization_config"}
+        as_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in skip}
         digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, param in model.named_parameters():
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())

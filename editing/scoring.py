@@ -16,13 +16,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from editing.metrics import token_accuracy
 from editing.tokenise import IGNORE_INDEX, encode_pair, pad_id
+
+if TYPE_CHECKING:
+    from editing.frozen_layers import FrozenLayers
 
 
 @dataclass(frozen=True)
@@ -116,13 +119,27 @@ def _chunks(order: list[int], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def _logits(
+    model: nn.Module, batch: ScoringBatch, pad: int, prefix: PrefixCache | None, frozen: FrozenLayers | None
+) -> torch.Tensor:
+    if frozen is not None and prefix is None:
+        return frozen.tail_logits(model, batch, pad)
+    return tail_logits(model, batch, prefix)
+
+
 def next_token_logprobs(
-    model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int, prefix: str = ""
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    batch_size: int,
+    prefix: str = "",
+    frozen: FrozenLayers | None = None,
 ) -> torch.Tensor:
     """(N, V) float32 log-probabilities of the token after each prompt, on the CPU, in input order.
 
     A non-empty `prefix` is shared by every prompt: it is tokenised (with special tokens) and run once,
     and each prompt (without special tokens) continues it, so the prefix costs one pass, not N.
+    With `frozen` (and no prefix) only the layers from the first edited one run (`FrozenLayers`).
     """
     cache = PrefixCache.build(model, tokenizer, prefix) if prefix else None
     rows = [
@@ -133,7 +150,7 @@ def next_token_logprobs(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for chunk in _chunks(order, batch_size):
         batch = left_pad([rows[i] for i in chunk], [[IGNORE_INDEX]] * len(chunk), pad_id(tokenizer))
-        logprobs = torch.log_softmax(tail_logits(model, batch, cache)[:, -1], dim=-1).cpu()
+        logprobs = torch.log_softmax(_logits(model, batch, pad_id(tokenizer), cache, frozen)[:, -1], dim=-1).cpu()
         for j, i in enumerate(chunk):
             out[i] = logprobs[j]
     if not rows:
@@ -142,9 +159,17 @@ def next_token_logprobs(
 
 
 def answer_scores(
-    model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int,
+    frozen: FrozenLayers | None = None,
 ) -> AnswerScores:
-    """Teacher-forced log-likelihood and token accuracy of `answers[i]` after `prompts[i]` (spec §8.1)."""
+    """Teacher-forced log-likelihood and token accuracy of `answers[i]` after `prompts[i]` (spec §8.1).
+
+    With `frozen` only the layers from the first edited one run (`FrozenLayers`).
+    """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     pairs = [encode_pair(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
@@ -154,7 +179,7 @@ def answer_scores(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for chunk in _chunks(order, batch_size):
         batch = left_pad([rows[i] for i in chunk], [pairs[i][1] for i in chunk], pad_id(tokenizer))
-        logprobs = torch.log_softmax(tail_logits(model, batch), dim=-1).cpu()
+        logprobs = torch.log_softmax(_logits(model, batch, pad_id(tokenizer), None, frozen), dim=-1).cpu()
         scored = batch.labels != IGNORE_INDEX  # (B, K)
         safe = batch.labels.clamp(min=0)
         token_lp = logprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * scored

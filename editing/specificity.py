@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +31,9 @@ from torch import nn
 
 from editing.errors import ModelMismatch
 from editing.scoring import next_token_logprobs
+
+if TYPE_CHECKING:
+    from editing.frozen_layers import FrozenLayers
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +230,24 @@ class SpecificityCheck:
         self.batch_size = batch_size
 
     def base_logprobs(
-        self, model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, persist: bool
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        *,
+        persist: bool,
+        frozen: FrozenLayers | None = None,
     ) -> torch.Tensor:
-        """(N, V) base-model next-token log-probabilities of `prompts`, from the store."""
+        """(N, V) base-model next-token log-probabilities of `prompts`, from the store.
+
+        `frozen` (layers no edit and no base swap changes) lets a computation keep the lower layers'
+        output of these prompts for the live pass that follows.
+        """
         prompts = list(prompts)
         name = "standing" if persist else "extra"
 
         def compute(m: nn.Module) -> dict[str, torch.Tensor]:
-            return {"logprobs": next_token_logprobs(m, tokenizer, prompts, self.batch_size)}
+            return {"logprobs": next_token_logprobs(m, tokenizer, prompts, self.batch_size, frozen=frozen)}
 
         return self.references.get(model, name, probe_set_hash(name, prompts), compute, persist=persist)[
             "logprobs"
@@ -244,15 +257,30 @@ class SpecificityCheck:
         self, model: nn.Module, tokenizer: Any, extra_prompts: Sequence[str] = ()
     ) -> SpecificityResult:
         """Agreement and mean KL of the live model against the base on standing + extra prompts."""
+        return self.measure_live(model, tokenizer, extra_prompts)[0]
+
+    def measure_live(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        extra_prompts: Sequence[str] = (),
+        frozen: FrozenLayers | None = None,
+    ) -> tuple[SpecificityResult, torch.Tensor]:
+        """`measure`, and the live model's (N, V) log-probabilities on the same prompts.
+
+        The log-probabilities let a caller compare two live states without another forward pass
+        (`compare_distributions(before, after)`): the prompts are the same for the same `extra_prompts`.
+        With `frozen` only the layers from the first edited one are run for prompts it has seen.
+        """
         standing = set(self.standing)
         extra = list(dict.fromkeys(p for p in extra_prompts if p not in standing))
         base_parts = []
         if self.standing:
             base_parts.append(self.base_logprobs(model, tokenizer, self.standing, persist=True))
         if extra:
-            base_parts.append(self.base_logprobs(model, tokenizer, extra, persist=False))
+            base_parts.append(self.base_logprobs(model, tokenizer, extra, persist=False, frozen=frozen))
         if not base_parts:
-            return SpecificityResult(0, 1.0, 0.0, 0.0)
+            return SpecificityResult(0, 1.0, 0.0, 0.0), torch.empty(0, 0)
         base = torch.cat(base_parts)
-        live = next_token_logprobs(model, tokenizer, self.standing + extra, self.batch_size)
-        return compare_distributions(base, live)
+        live = next_token_logprobs(model, tokenizer, self.standing + extra, self.batch_size, frozen=frozen)
+        return compare_distributions(base, live), live

@@ -36,10 +36,12 @@ class TokenBatch:
     labels: (
         torch.Tensor
     )  # (B, T) long, pre-shifted: labels[b, t] is the target of logits[b, t]; -100 elsewhere
+    strengths: torch.Tensor | None = None  # (B,) float: weight of each row's loss in an edit (None: all 1)
 
     def to(self, device: torch.device) -> TokenBatch:
         """The same batch on `device`."""
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        strengths = self.strengths.to(device) if self.strengths is not None else None
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), strengths)
 
     @property
     def answer_mask(self) -> torch.Tensor:

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     option_names = [f.name for f in fields(TrainingOptions) if f.name != "seed"]
     options = TrainingOptions(**_overrides(args, option_names), seed=editor_config.seed)
     try:
-        loaded = load_model(settings.model)
+        loaded = load_model(settings.model, cache_dir=settings.model_cache_dir())  # as the daemon loads it
         names = args.modules.split(",") if args.modules else settings.model.edit_modules
         names = names or default_edit_modules(loaded.model_type, loaded.num_layers)
         examples = load_examples(args.data, limit=args.limit, seed=editor_config.seed)

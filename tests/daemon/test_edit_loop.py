@@ -36,8 +36,12 @@ from tests.daemon.test_model_state import World, tiny_model_dir_fixture, world_f
 
 __all__ = ["tiny_model_dir_fixture", "world_fixture", "worlds_fixture"]
 
-PASS_ALL = GateConfig(min_efficacy=0.0, min_agreement=0.0, max_kl=1e9, specificity_prompts=4)
-FAIL_SPECIFICITY = GateConfig(min_efficacy=0.0, min_agreement=1.0, max_kl=1e-7, specificity_prompts=4)
+PASS_ALL = GateConfig(
+    min_efficacy=0.0, min_agreement=0.0, max_kl=1e9, min_batch_agreement=0.0, max_batch_kl=1e9, specificity_prompts=4
+)
+FAIL_SPECIFICITY = GateConfig(
+    min_efficacy=0.0, min_agreement=1.0, max_kl=1e-7, min_batch_agreement=1.0, max_batch_kl=1e-7, specificity_prompts=4
+)
 EDITOR = EditorConfig(batch_size=4, rank=8, n_blocks=1, lm_batch_size=4, edit_lr=0.05)
 
 
@@ -198,10 +202,12 @@ def _on_measure(rig: Rig, action: Callable[[int], None]) -> None:
     original = checker.measure
     calls = [0]
 
-    def measure(model: Any, tokenizer: Any, facts: Sequence[GateFact], extra: Sequence[str] = ()) -> BatchMeasurement:
+    def measure(
+        model: Any, tokenizer: Any, facts: Sequence[GateFact], extra: Sequence[str] = (), frozen: Any = None
+    ) -> BatchMeasurement:
         calls[0] += 1
         action(calls[0])
-        return original(model, tokenizer, facts, extra)
+        return original(model, tokenizer, facts, extra, frozen)
 
     checker.measure = measure  # type: ignore[method-assign,assignment]
 
@@ -315,3 +321,23 @@ def test_drift_with_the_revert_policy_goes_back_to_the_last_passing_version(
         audit = session.scalars(select(Revert)).one()
     assert audit.requested_by == "daemon:drift" and "accuracy dropped" in (audit.reason or "")
     assert not rig.view.paused
+
+
+def test_a_fact_retried_after_failing_efficacy_gets_a_stronger_edit_signal(world: World) -> None:
+    # min_efficacy above 1 (model_copy skips validation): every try fails efficacy, whatever the tiny model does
+    rig = make_rig(world, gate=PASS_ALL.model_copy(update={"min_efficacy": 1.01, "efficacy_retries": 2}))
+    assert rig.loop.gated is not None
+    editor = rig.loop.gated.editor
+    seen: list[list[float] | None] = []
+    original = editor.propose
+
+    def recording(examples: Any, masters: Any = None, *, strengths: Any = None) -> Any:
+        seen.append(list(strengths) if strengths is not None else None)
+        return original(examples, masters, strengths=strengths)
+
+    editor.propose = recording  # type: ignore[method-assign]
+    (fact,) = rig.add(1)
+    for _ in range(3):
+        rig.loop.tick()
+    assert seen == [None, [2.0], [4.0]]  # retry_strength 2, once per failed try
+    assert rig.statuses()[fact] == "failed"

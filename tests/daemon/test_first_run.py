@@ -116,9 +116,18 @@ def _lines(proc: subprocess.Popen[str], until: str, timeout: float) -> list[dict
 @pytest.mark.slow
 def test_sigterm_during_a_batch_rolls_it_back_and_exits_0(tmp_path: Path, tiny_model_dir: Path) -> None:
     state = tmp_path / "state"
-    # Gate thresholds no edit can meet: isolation re-edits every subset, so the batch is long enough to
-    # receive the signal in the middle of it.
-    env = _env(tiny_model_dir, KED_GATE__MIN_AGREEMENT="1.0", KED_GATE__MAX_KL="0.0000001", KED_GATE__MIN_EFFICACY="0")
+    # Per-batch thresholds no edit can meet: isolation re-edits every subset, so the batch is long enough to
+    # receive the signal in the middle of it. The cumulative budget stays loose: were it the one failing, a
+    # batch whose own change passes would end `blocked` at once and pause editing, so no batch would be
+    # in flight to interrupt.
+    env = _env(
+        tiny_model_dir,
+        KED_GATE__MIN_BATCH_AGREEMENT="1.0",
+        KED_GATE__MAX_BATCH_KL="0.0000001",
+        KED_GATE__MIN_AGREEMENT="0",
+        KED_GATE__MAX_KL="1000",
+        KED_GATE__MIN_EFFICACY="0",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "--state-dir", str(state)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

@@ -24,6 +24,7 @@ from editing.config import EditorConfig
 from editing.data import EditExample
 from editing.deltas import EditPlan
 from editing.emsedit import EMSEditor
+from editing.frozen_layers import FrozenLayers
 from editing.gate import BatchChecker, BatchMeasurement, FactKey, Gate, GateFact
 from editing.gate_config import GateConfig
 from editing.history import CommitRecord, CommitRef, ModelHistory
@@ -47,7 +48,9 @@ FACTS = [
     ("The official language of Peru is", "football", "Anna Berg is employed by"),
 ]
 #: Loose thresholds: the untrained tiny editor passes them, so the real checker's verdict is "commit".
-LOOSE = GateConfig(min_efficacy=0.0, min_agreement=0.0, max_kl=10.0, batch_size=8)
+LOOSE = GateConfig(
+    min_efficacy=0.0, min_agreement=0.0, max_kl=10.0, min_batch_agreement=0.0, max_batch_kl=10.0, batch_size=8
+)
 HARMFUL = SpecificityResult(n_prompts=4, agreement=0.0, mean_kl=50.0, max_kl=80.0)
 
 
@@ -89,7 +92,12 @@ class Checker(BatchChecker):
         self.raise_on_call: int | None = None
 
     def measure(
-        self, model: nn.Module, tokenizer: Any, facts: Sequence[GateFact], extra_prompts: Sequence[str] = ()
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        facts: Sequence[GateFact],
+        extra_prompts: Sequence[str] = (),
+        frozen: FrozenLayers | None = None,
     ) -> BatchMeasurement:
         keys = tuple(f.key for f in facts)
         self.calls.append(keys)
@@ -98,10 +106,11 @@ class Checker(BatchChecker):
             self.hook(keys)
         if self.raise_on_call is not None and len(self.calls) == self.raise_on_call:
             raise RuntimeError("checker failed")
-        measured = super().measure(model, tokenizer, facts, extra_prompts)
+        measured = super().measure(model, tokenizer, facts, extra_prompts, frozen)
         efficacy = {k: (0.0 if k in self.weak else 1.0 if self.weak else v) for k, v in measured.efficacy.items()}
-        spec = HARMFUL if self.harmful & set(keys) else measured.specificity
-        return replace(measured, efficacy=efficacy, specificity=spec)
+        if self.harmful & set(keys):  # no log-probabilities: the faked numbers stand for the batch's own harm too
+            return replace(measured, efficacy=efficacy, specificity=HARMFUL, logprobs=None)
+        return replace(measured, efficacy=efficacy)
 
 
 class BrokenEditor(EMSEditor):
@@ -235,7 +244,8 @@ def test_a_stop_request_abandons_the_batch_between_tries(
 
     with pytest.raises(EditInterrupted):
         _check_unchanged(s, lambda: s.gated.edit(_facts(), should_stop=should_stop))
-    assert len(s.checker.calls) == 2 and asked == [0, 1, 2]
+    # asked before each try; measuring the state before the batch (the second call) is not a try
+    assert len(s.checker.calls) == 2 and s.checker.calls[1] == () and asked == [0, 2]
     with s.state.writing(), s.state.reading():
         pass
 

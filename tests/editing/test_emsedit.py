@@ -10,7 +10,7 @@ import torch
 from editing.config import EditorConfig
 from editing.data import EditExample
 from editing.deltas import apply, master_copies, restore
-from editing.emsedit import EMSEditor, answer_loss, lm_logits
+from editing.emsedit import EMSEditor, answer_loss, fact_loss, lm_logits
 
 FACTS = [
     EditExample("The capital of France is", "Rome", rephrase_prompts=("France has its capital in",)),
@@ -25,9 +25,10 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _edit_loss(editor: EMSEditor) -> float:
+    """The edit loss as the editor reports it: the mean cross-entropy per fact."""
     batch = editor.tokenise(FACTS)
     with torch.no_grad():
-        return float(answer_loss(lm_logits(editor.model, batch), batch.labels))
+        return float(fact_loss(lm_logits(editor.model, batch), batch.labels)) / len(FACTS)
 
 
 def _editor(engine_tiny_lm: Any, tokenizer: Any, model_type: str = "llama", **config: Any) -> EMSEditor:
@@ -49,6 +50,64 @@ def test_propose_leaves_the_model_bit_identical_and_the_state_unchanged(
     assert all(d.dtype == torch.float32 for d in plan.deltas.values())
     # the edit's statistics travel with the plan (the normaliser is not frozen by default)
     assert any(not torch.equal(plan.editor_state[k], v) for k, v in state.items())
+
+
+def test_the_fact_loss_weighs_every_fact_equally_whatever_its_length(
+    engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
+) -> None:
+    editor = _editor(engine_tiny_lm, bpe_tokenizer)
+    batch = editor.tokenise(FACTS)
+    with torch.no_grad():
+        logits = lm_logits(editor.model, batch)
+        per_fact = [
+            float(answer_loss(logits[i : i + 1], batch.labels[i : i + 1])) for i in range(len(FACTS))
+        ]
+        assert float(fact_loss(logits, batch.labels)) == pytest.approx(sum(per_fact), rel=1e-5)
+        # the token mean weighs long answers more ("Walter Sobchak" has several tokens, "Rome" one)
+        assert float(answer_loss(logits, batch.labels)) != pytest.approx(sum(per_fact) / len(FACTS), rel=1e-3)
+
+
+def test_a_facts_edit_signal_does_not_depend_on_the_rest_of_the_batch(
+    engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
+) -> None:
+    """δ of a fact's rows is the same alone and in a batch (the gate re-edits subsets when it bisects)."""
+    editor = _editor(engine_tiny_lm, bpe_tokenizer)
+    together, _ = editor.capture(editor.tokenise(FACTS))
+    offset = 0
+    for i, fact in enumerate(FACTS):
+        alone, _ = editor.capture(editor.tokenise([fact]))
+        for name in editor.module_names:
+            keys, grads = alone[name]
+            rows = slice(offset, offset + keys.shape[0])
+            torch.testing.assert_close(keys, together[name][0][rows], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(grads, together[name][1][rows], rtol=1e-3, atol=1e-7)
+            assert grads.abs().sum() > 0, f"fact {i} has no gradient on {name}"
+        offset += alone[editor.module_names[0]][0].shape[0]
+    assert offset == together[editor.module_names[0]][0].shape[0]
+
+
+def test_a_facts_strength_scales_its_edit_signal_and_nothing_else(
+    engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
+) -> None:
+    """The gate retries a fact that failed efficacy with a larger strength: its δ rows scale, the others stay."""
+    editor = _editor(engine_tiny_lm, bpe_tokenizer)
+    plain, _ = editor.capture(editor.tokenise(FACTS))
+    batch = editor.tokenise(FACTS)
+    batch.strengths = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    strong, _ = editor.capture(batch)
+    rows = [editor.capture(editor.tokenise([f]))[0][editor.module_names[0]][0].shape[0] for f in FACTS]
+    second = slice(rows[0], rows[0] + rows[1])
+    for name in editor.module_names:
+        torch.testing.assert_close(strong[name][0], plain[name][0])  # keys do not depend on the loss
+        expected = plain[name][1].clone()
+        expected[second] *= 3.0
+        torch.testing.assert_close(strong[name][1], expected, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="strengths"):
+        editor.propose(FACTS, strengths=[1.0])
+    assert not torch.equal(
+        editor.propose(FACTS, strengths=[1.0, 3.0, 1.0, 1.0]).deltas[editor.module_names[0]],
+        editor.propose(FACTS).deltas[editor.module_names[0]],
+    )
 
 
 def test_applying_the_plan_lowers_the_edit_loss_and_step_two_sees_step_one(

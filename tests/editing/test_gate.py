@@ -111,6 +111,48 @@ def test_a_clean_batch_commits_after_one_edit(gate_tiny_lm: Any, bpe_tokenizer: 
     assert all(o.reason == "passed" and "efficacy" in o.numbers for o in verdict.outcomes)
 
 
+def test_the_per_batch_budget_is_judged_against_the_model_before_the_batch(
+    gate_tiny_lm: Any, bpe_tokenizer: Any
+) -> None:
+    """Earlier edits moved the model far from the base (within the cumulative budget): a batch of gentle
+    facts commits, a harmful fact among them is still rejected, and both budgets are recorded."""
+    n, harmful = 8, 5
+    scales = {k: (30.0 if k == harmful else 0.0005) for k in range(n)}
+    gate, editor, _ = _real_setup(
+        gate_tiny_lm, bpe_tokenizer, scales, min_batch_agreement=0.95, max_batch_kl=0.001
+    )
+    gate = Gate(gate.config.model_copy(update={"min_agreement": 0.0, "max_kl": 1000.0}))
+    with torch.no_grad():  # "earlier commits": a large move of the edited weight before this batch
+        editor.param.add_(12.0 * editor.direction(99))
+        editor.pre_batch = editor.param.detach().clone()
+    facts = [_fact(k) for k in range(n)]
+    editor.extra = locality_prompts(facts)
+    verdict = gate.decide(facts, editor.try_batch)
+
+    assert verdict.pre_batch is not None
+    assert gate.batch_failure(verdict.pre_batch.specificity) is not None, "the base alone would fail every batch"
+    assert [o.key for o in verdict.outcomes if o.status == "rejected"] == [harmful]
+    assert verdict.committed == tuple(k for k in range(n) if k != harmful)
+    final = verdict.final
+    assert final is not None and final.marginal is not None and final.logprobs is None
+    assert gate.batch_failure(final.marginal) is None and gate.batch_failure(final.specificity) is not None
+    assert editor.calls[-1] == verdict.committed, "the weights left in place are the committed facts'"
+    rejected = next(o for o in verdict.outcomes if o.status == "rejected")
+    assert "against the model before the batch" in rejected.reason
+    assert rejected.numbers["batch_mean_kl"] > 0.001 or rejected.numbers["batch_agreement"] < 0.95
+    record = verdict.to_dict()
+    assert "marginal" in record["final"] and json.dumps(record)
+
+
+def test_without_earlier_drift_the_base_stands_in_and_nothing_extra_is_measured(
+    gate_tiny_lm: Any, bpe_tokenizer: Any
+) -> None:
+    gate, editor, _ = _real_setup(gate_tiny_lm, bpe_tokenizer, {k: 0.0005 for k in range(4)})
+    verdict = gate.decide([_fact(k) for k in range(4)], editor.try_batch)
+    assert editor.calls == [(0, 1, 2, 3)] and verdict.pre_batch is None
+    assert verdict.final is not None and verdict.final.marginal is None
+
+
 # --- decision logic on synthetic measurements -----------------------------------------------------
 
 
@@ -129,7 +171,7 @@ class SyntheticBatch:
         return BatchMeasurement(keys, {k: self.efficacy.get(k, 1.0) for k in keys}, spec, 0.01)
 
 
-CONFIG = GateConfig(min_efficacy=0.9, max_kl=0.1, efficacy_retries=2)
+CONFIG = GateConfig(min_efficacy=0.9, max_kl=0.1, max_batch_kl=0.1, min_batch_agreement=0.9, efficacy_retries=2)
 
 
 @settings(max_examples=60, deadline=None)
@@ -164,6 +206,21 @@ def test_a_model_already_drifted_before_the_batch_blocks_instead_of_blaming_fact
     assert [o.status for o in verdict.outcomes] == ["deferred"] * 4
     assert all(o.attempts == 0 for o in verdict.outcomes)  # not held against the facts
     assert batch.calls == [(0, 1, 2, 3), ()] and verdict.committed == ()
+
+
+def test_harmless_facts_are_deferred_not_rejected_when_the_cumulative_budget_has_no_room() -> None:
+    """The model before the batch is just within max_kl; every fact alone pushes it over, but only fact 3's
+    own change breaks the per-batch budget: it alone is rejected, the rest wait and the batch is blocked."""
+    config = CONFIG.model_copy(update={"max_batch_kl": 1.0})
+    batch = SyntheticBatch({k: (2.0 if k == 3 else 0.02) for k in range(4)}, pre_kl=0.09)
+    verdict = Gate(config).decide([_fact(k) for k in range(4)], batch.try_batch)
+    by_key = {o.key: o for o in verdict.outcomes}
+    assert by_key[3].status == "rejected" and "harms specificity on its own" in by_key[3].reason
+    assert "max_batch_kl 1.0" in by_key[3].reason
+    for key in (0, 1, 2):
+        assert by_key[key].status == "deferred" and by_key[key].attempts == 0
+        assert "no room left in the cumulative budget" in by_key[key].reason
+    assert verdict.committed == () and verdict.blocked is not None and "no room" in verdict.blocked
 
 
 def test_facts_failing_efficacy_are_retried_then_failed_and_the_rest_re_edited() -> None:
@@ -201,7 +258,10 @@ def test_isolation_budget_and_switches() -> None:
 
 
 def test_specificity_failure_names_every_threshold() -> None:
-    gate = Gate(GateConfig(min_agreement=0.9, max_kl=0.1))
+    gate = Gate(GateConfig(min_agreement=0.9, max_kl=0.1, min_batch_agreement=0.97, max_batch_kl=0.01))
+    batch = gate.batch_failure(SpecificityResult(32, 0.95, 0.05, 0.2), against="the model before the batch")
+    assert batch is not None and "agreement 0.950 < min_batch_agreement 0.97" in batch
+    assert "mean KL 0.0500 > max_batch_kl 0.01" in batch and "against the model before the batch" in batch
     assert gate.specificity_failure(SpecificityResult(32, 0.95, 0.05, 0.2)) is None
     reason = gate.specificity_failure(SpecificityResult(32, 0.8, 0.3, 0.9))
     assert reason is not None

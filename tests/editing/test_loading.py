@@ -81,6 +81,25 @@ def test_fingerprint_tracks_weights() -> None:
     assert model_fingerprint(a) != model_fingerprint(b)
 
 
+def test_fingerprint_ignores_how_the_weights_were_loaded() -> None:
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    before = model_fingerprint(model)
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf"}
+    assert model_fingerprint(model) == before
+
+
+@pytest.mark.real_model
+def test_the_default_model_has_one_fingerprint_loaded_from_gguf_or_from_the_cache(
+    default_model: LoadedModel,
+) -> None:
+    """`python -m editing.train` and the daemon must agree, or a trained editor is refused as another model's."""
+    direct = load_model(ModelConfig(device="cpu"))  # de-quantised from the GGUF file on this load
+    assert direct.fingerprint == default_model.fingerprint  # the fixture loads from the de-quantised cache
+
+
 @pytest.mark.real_model
 def test_default_model_says_paris(default_model: LoadedModel) -> None:
     tok = default_model.tokenizer

@@ -87,3 +87,23 @@ def test_a_key_prior_is_honoured_by_forward_and_backward() -> None:
     # the mean key moves less with the prior than without
     plain = ridge_solve(keys, values, lam)
     assert (mean @ ours).norm() < (mean @ plain).norm()
+
+
+def test_solving_on_keys_without_their_mean_leaves_the_shared_component_alone() -> None:
+    from editing.emsedit import project_out
+
+    gen = torch.Generator().manual_seed(3)
+    mean = 5.0 * torch.randn(32, generator=gen, dtype=torch.float64)  # the component every key shares
+    keys = mean + torch.randn(6, 32, generator=gen, dtype=torch.float64)
+    values = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    lam = torch.tensor(1e-6, dtype=torch.float64)
+    plain = ridge_solve(keys, values, lam, "dual")
+    projected = ridge_solve(project_out(keys, mean), values, lam, "dual")
+    # both give the edit keys their values ...
+    torch.testing.assert_close(keys @ plain, values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys @ projected, values, rtol=1e-5, atol=1e-5)
+    # ... but only the projected solve leaves the response to the shared component unchanged
+    assert (mean @ projected).abs().max() < 1e-8 < (mean @ plain).abs().max()
+    unrelated = mean + torch.randn(50, 32, generator=gen, dtype=torch.float64)
+    assert (unrelated @ projected).norm() < (unrelated @ plain).norm()
+    torch.testing.assert_close(project_out(keys, torch.zeros(32, dtype=torch.float64)), keys)
