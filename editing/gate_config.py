@@ -80,7 +80,7 @@ class GateConfig(BaseModel):
         le=1.0,
         description="The budget of all edits together: top-1 agreement with the frozen base model on unrelated "
         "prompts. When the model before a batch is already below it, editing is blocked (the drift policy's "
-        "business).",
+        "business). The periodic probes hold the standing prompts to it too.",
     )
     max_kl: float = Field(
         2.0,
@@ -153,7 +153,8 @@ class GateConfig(BaseModel):
         0.2,
         ge=0.0,
         le=1.0,
-        description="Largest allowed share of probe items whose prediction differs from the base model's.",
+        description="Largest allowed share of labelled probe items whose prediction differs from the base "
+        "model's (the standing prompts, used without probe data, are held to min_agreement and max_kl instead).",
     )
     drift_policy: Literal["pause", "revert"] = Field(
         "pause",

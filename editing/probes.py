@@ -198,7 +198,13 @@ class DriftPolicy:
         self.config = config
 
     def reasons(self, report: ProbeReport) -> list[str]:
-        """One line per threshold the report passes (empty: no drift)."""
+        """One line per threshold the report passes (empty: no drift).
+
+        Labelled tasks are held to `max_accuracy_drop` and `max_flip_rate` (pooled over them). The
+        standing prompts (no gold answers) measure what the gate's cumulative budget bounds, agreement
+        and KL with the base model's next-token distributions, so they are held to that budget
+        (`min_agreement`, `max_kl`), measured here on every standing prompt rather than a batch's sample.
+        """
         out = []
         change = report.accuracy_change
         if change is not None and -change > self.config.max_accuracy_drop:
@@ -206,9 +212,19 @@ class DriftPolicy:
                 f"probe accuracy {report.accuracy:.3f} is {-change:.3f} below the base model's "
                 f"{report.base_accuracy:.3f} (max_accuracy_drop {self.config.max_accuracy_drop})"
             )
-        if report.flip_rate > self.config.max_flip_rate:
-            out.append(f"prediction flip rate {report.flip_rate:.3f} > max_flip_rate {self.config.max_flip_rate}")
+        labelled = [t for t in report.tasks if t.labelled]
+        items = sum(t.n_items for t in labelled)
+        flip = sum(t.flip_rate * t.n_items for t in labelled) / items if items else 0.0
+        if flip > self.config.max_flip_rate:
+            out.append(f"prediction flip rate {flip:.3f} > max_flip_rate {self.config.max_flip_rate}")
         for task in report.tasks:
+            if task.labelled:
+                continue
+            if task.accuracy < self.config.min_agreement:
+                out.append(
+                    f"{task.task} prompts: agreement with the base model {task.accuracy:.3f} < min_agreement "
+                    f"{self.config.min_agreement}"
+                )
             if task.mean_kl is not None and task.mean_kl > self.config.max_kl:
                 out.append(f"{task.task} prompts: mean KL {task.mean_kl:.4f} > max_kl {self.config.max_kl}")
         return out

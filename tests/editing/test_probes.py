@@ -156,6 +156,32 @@ def test_drift_policy_follows_the_configured_action() -> None:
     assert revert.decide(_report(0.1, 0.9, 0.9)).to_dict()["action"] == "revert"
 
 
+def test_standing_prompts_are_held_to_the_cumulative_budget_not_the_flip_rate() -> None:
+    # Without probe data the standing prompts measure what the gate's cumulative budget bounds: a model
+    # the gate admits (agreement 0.6 >= min_agreement 0.5) must not be paused by the labelled tasks'
+    # flip-rate threshold, and one below the budget must be.
+    policy = DriftPolicy(GateConfig(max_flip_rate=0.2, min_agreement=0.5, max_kl=2.0))
+
+    def standing(agreement: float, kl: float = 1.0) -> ProbeReport:
+        task = TaskReport("standing", 128, agreement, 1.0, 1.0 - agreement, False, kl)
+        return ProbeReport((task,), 1.0, "fp")
+
+    assert policy.decide(standing(0.6)).action == "continue"
+    assert policy.decide(standing(0.45)).reasons == (
+        "standing prompts: agreement with the base model 0.450 < min_agreement 0.5",
+    )
+    assert policy.decide(standing(0.9, kl=2.5)).reasons == ("standing prompts: mean KL 2.5000 > max_kl 2.0",)
+    # beside labelled tasks, the flip rate is theirs alone
+    mixed = ProbeReport(
+        (TaskReport("sst2", 50, 0.6, 0.6, 0.1, True), TaskReport("standing", 100, 0.6, 1.0, 0.4, False, 1.0)),
+        1.0,
+        "fp",
+    )
+    assert policy.decide(mixed).action == "continue"
+    flipped = ProbeReport((TaskReport("sst2", 50, 0.6, 0.6, 0.3, True), *mixed.tasks[1:]), 1.0, "fp")
+    assert policy.decide(flipped).reasons == ("prediction flip rate 0.300 > max_flip_rate 0.2",)
+
+
 def test_probes_are_due_by_commits_or_by_minutes_with_something_new() -> None:
     config = GateConfig(probe_every_commits=4, probe_every_minutes=30)
     assert not probes_due(config, 3, 10)
