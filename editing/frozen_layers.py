@@ -193,7 +193,8 @@ class FrozenLayers:
     def tail_logits(self, model: nn.Module, batch: ScoringBatch, pad: int) -> torch.Tensor:
         """`editing.scoring.tail_logits` of `batch` (no prefix cache), running only the upper layers.
 
-        Rows not cached yet run the frozen layers once first (`pad` is the id used to pad them).
+        Rows not cached yet run the frozen layers once first (`pad` is the id used to pad them). A batch
+        larger than the whole cache is scored with every layer instead.
         """
         width = int(batch.input_ids.shape[1])
         rows: list[Row] = []
@@ -205,8 +206,10 @@ class FrozenLayers:
             self._lower(model, missing, pad)
         self.hits += len(rows) - len(missing)
         parts = [self._get(r) for r in rows]
-        if any(p is None for p in parts):  # a row evicted by its own batch: the cache is too small for it
-            raise RuntimeError(f"FrozenLayers.max_tokens ({self.max_tokens}) is smaller than one scoring batch")
+        if any(p is None for p in parts):
+            # the batch does not fit the cache (a row evicted by its own batch, or longer than the whole
+            # cache): score it with every layer rather than fail
+            return tail_logits(model, batch)
         first = parts[0]
         assert first is not None
         hidden = first.new_zeros((len(rows), width, int(first.shape[-1])))
