@@ -139,10 +139,16 @@ def test_sigterm_during_a_batch_rolls_it_back_and_exits_0(tmp_path: Path, tiny_m
         assert httpx.get(f"{api}/v1/status", timeout=10).json()["editor"]["state"] == "ready"
         facts = [{"prompt": f"The capital of country {i} is", "target_new": f"Paris {i}"} for i in range(8)]
         (state / "inbox" / "f.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
+        # Wait until the facts are in the ledger, then try to catch a batch in flight; a tiny model can
+        # finish a batch between two polls, so the signal goes out either way (the assertions below hold
+        # whether it lands in a batch or between batches).
         deadline = time.monotonic() + 60
-        while _statuses(state).get("editing", 0) == 0:
-            assert time.monotonic() < deadline, "no batch started"
-            time.sleep(0.05)
+        while not _statuses(state):
+            assert time.monotonic() < deadline, "the facts were never ingested"
+            time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while _statuses(state).get("editing", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
