@@ -21,6 +21,14 @@ Rows are keyed by their token ids; the hidden states of a row do not depend on t
 batched with (padding is masked and positions come from the attention mask), so a row computed in one
 batch is reused in any other. The cache holds at most `max_tokens` tokens (least recently used go).
 
+Packing: the gate's rows are short and of uneven length (SmolLM2 locality prompts 13-28 tokens), so a
+left-padded batch of 16 spends a third or more of its matrix products on padding. By default a pass
+concatenates its rows into one sequence instead, with positions restarting at 0 for each row and no
+attention mask, which the model's own mask code (transformers' packed-sequence detection) turns into a
+block-diagonal causal mask; the head runs on the scored positions only (`logits_to_keep` as indices).
+The arithmetic is that of the real tokens alone. `verify` checks the packed pass against the padded full
+forward and falls back to padded batches when they differ (`packed` says which is in use).
+
 Contract for callers: the layers below `first_edited` must not change while the cache lives (nothing
 in this project edits them; build a new `FrozenLayers` for another model or another module set), and
 the caller holds the model exclusively while a pass runs (the swap is visible to any concurrent user).
@@ -93,6 +101,8 @@ class FrozenLayers:
         self.max_tokens = max_tokens
         self.hits = 0  #: rows served from the cache
         self.misses = 0  #: rows whose lower layers had to be run
+        #: rows of a pass run as one packed sequence (see the module doc); `verify` may turn it off
+        self.packed = True
         self._rows: OrderedDict[Row, torch.Tensor] = OrderedDict()
         self._tokens = 0
 
@@ -142,9 +152,18 @@ class FrozenLayers:
     # --- passes ----------------------------------------------------------------------------------
 
     def _lower(self, model: nn.Module, rows: Sequence[Row], pad: int) -> None:
-        """Run the frozen layers on `rows` (one left-padded batch) and cache each row's hidden states."""
-        batch = left_pad([list(r) for r in rows], [[0]] * len(rows), pad)
+        """Run the frozen layers on `rows` (one batch, packed or left-padded) and cache each row's hidden states."""
         device = model_device(model)
+        if self.packed:
+            ids, positions = _packed(rows)
+            inputs = {"input_ids": ids, "attention_mask": None, "position_ids": positions}
+        else:
+            batch = left_pad([list(r) for r in rows], [[0]] * len(rows), pad)
+            inputs = {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids,
+            }
 
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             raise _Reached(_hidden_argument(args, kwargs))
@@ -152,21 +171,22 @@ class FrozenLayers:
         handle = self.layers[self.first_edited].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with torch.no_grad():
-                model(
-                    input_ids=batch.input_ids.to(device),
-                    attention_mask=batch.attention_mask.to(device),
-                    position_ids=batch.position_ids.to(device),
-                    use_cache=False,
-                )
+                model(**{k: v.to(device) if v is not None else None for k, v in inputs.items()}, use_cache=False)
         except _Reached as reached:
             hidden = reached.hidden
         else:
             raise RuntimeError(f"the forward pass never reached layer {self.first_edited} of {self.stack_name}")
         finally:
             handle.remove()
-        width = int(batch.input_ids.shape[1])
-        for b, row in enumerate(rows):
-            self._put(row, hidden[b, width - len(row) :])
+        if self.packed:
+            start = 0
+            for row in rows:
+                self._put(row, hidden[0, start : start + len(row)])
+                start += len(row)
+        else:
+            width = max(len(r) for r in rows)  # the left-padded batch's width
+            for b, row in enumerate(rows):
+                self._put(row, hidden[b, width - len(row) :])
         self.misses += len(rows)
 
     @contextmanager
@@ -193,31 +213,33 @@ class FrozenLayers:
     def tail_logits(self, model: nn.Module, batch: ScoringBatch, pad: int) -> torch.Tensor:
         """`editing.scoring.tail_logits` of `batch` (no prefix cache), running only the upper layers.
 
-        Rows not cached yet run the frozen layers once first (`pad` is the id used to pad them). A batch
-        larger than the whole cache is scored with every layer instead.
+        Rows not cached yet run the frozen layers once first (`pad` is the id used to pad them when not
+        packed). A batch larger than the whole cache is scored with every layer instead. With `packed`,
+        the batch's rows run as one sequence; the result has the padded batch's (B, K, V) layout either way.
         """
-        width = int(batch.input_ids.shape[1])
         rows: list[Row] = []
         for b in range(int(batch.input_ids.shape[0])):
             real = batch.attention_mask[b].bool()
             rows.append(tuple(int(t) for t in batch.input_ids[b][real].tolist()))
-        missing = list(dict.fromkeys(r for r in rows if self._get(r) is None))
+        parts = [self._get(r) for r in rows]
+        missing = list(dict.fromkeys(r for r, p in zip(rows, parts, strict=True) if p is None))
         if missing:
             self._lower(model, missing, pad)
+            parts = [p if p is not None else self._get(r) for r, p in zip(rows, parts, strict=True)]
         self.hits += len(rows) - len(missing)
-        parts = [self._get(r) for r in rows]
-        if any(p is None for p in parts):
+        present = [p for p in parts if p is not None]
+        if len(present) < len(parts):
             # the batch does not fit the cache (a row evicted by its own batch, or longer than the whole
             # cache): score it with every layer rather than fail
             return tail_logits(model, batch)
-        first = parts[0]
-        assert first is not None
-        hidden = first.new_zeros((len(rows), width, int(first.shape[-1])))
-        for b, part in enumerate(parts):
-            assert part is not None
+        keep = int(batch.labels.shape[1])
+        if self.packed:
+            return self._packed_tail(model, rows, present, keep)
+        width = int(batch.input_ids.shape[1])
+        hidden = present[0].new_zeros((len(rows), width, int(present[0].shape[-1])))
+        for b, part in enumerate(present):
             hidden[b, width - part.shape[0] :] = part
         device = model_device(model)
-        keep = int(batch.labels.shape[1])
         with self._upper_only(hidden), torch.no_grad():
             out = model(
                 input_ids=batch.input_ids.to(device),
@@ -228,6 +250,30 @@ class FrozenLayers:
             )
         logits: torch.Tensor = out.logits[:, -keep:].float()
         return logits
+
+    def _packed_tail(self, model: nn.Module, rows: list[Row], parts: list[torch.Tensor], keep: int) -> torch.Tensor:
+        """(B, K, V) logits of the last `keep` positions of each row, the rows run as one packed sequence.
+
+        A row shorter than `keep` has no logits for its first positions: those entries are copies of its
+        first position's (the caller's labels are -100 there, as in a left-padded batch).
+        """
+        ids, positions = _packed(rows)
+        ends = torch.tensor([len(r) for r in rows]).cumsum(0)  # one past each row's last position
+        starts = ends - torch.tensor([len(r) for r in rows])
+        offsets = torch.arange(keep - 1, -1, -1)  # k-th kept position sits keep-1-k before the row's end
+        index = torch.maximum(ends.unsqueeze(1) - 1 - offsets, starts.unsqueeze(1))  # (B, K)
+        device = model_device(model)
+        hidden = torch.cat(parts).unsqueeze(0)
+        with self._upper_only(hidden), torch.no_grad():
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=None,
+                position_ids=positions.to(device),
+                logits_to_keep=index.reshape(-1).to(device),
+                use_cache=False,
+            )
+        logits: torch.Tensor = out.logits[0].float()
+        return logits.reshape(len(rows), keep, -1)
 
     @contextmanager
     def recording(self, model: nn.Module) -> Iterator[None]:
@@ -279,23 +325,47 @@ class FrozenLayers:
     def verify(self, model: nn.Module, pad: int) -> str | None:
         """None when the upper-layers pass reproduces the full forward on a few rows; otherwise why not.
 
-        The rows are of different lengths (so padding is exercised) and drawn from the vocabulary's
-        first ids; the comparison is on log-probabilities with a tolerance for the model's dtype.
+        The packed pass is tried first; when it differs (or fails), `packed` is turned off and the padded
+        pass is tried. The rows are of different lengths (so padding and packing are exercised) and drawn
+        from the vocabulary's first ids; the comparison is on log-probabilities with a tolerance for the
+        model's dtype.
         """
         vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
         rows = [[(7 * i + 3) % vocab for i in range(n)] for n in (9, 5, 2)]
         batch = left_pad(rows, [[0, 0]] * len(rows), pad)
-        try:
-            full = torch.log_softmax(tail_logits(model, batch), dim=-1)
-            upper = torch.log_softmax(self.tail_logits(model, batch, pad), dim=-1)
-        except Exception as exc:  # any failure means this model's stack does not fit the scheme
-            return f"the upper-layers pass failed: {type(exc).__name__}: {exc}"
-        finally:
-            self.clear()
-            self.hits = self.misses = 0
         dtype = next(model.parameters()).dtype
         tolerance = 1e-3 if dtype == torch.float32 else 5e-2
-        difference = float((full - upper).abs().max())
-        if not difference <= tolerance:
-            return f"the upper-layers pass differs from the full forward by {difference:.3g} (tolerance {tolerance})"
-        return None
+        try:
+            full = torch.log_softmax(tail_logits(model, batch), dim=-1)
+        except Exception as exc:  # the model cannot even score a left-padded batch without a cache
+            return f"the full forward failed: {type(exc).__name__}: {exc}"
+        problems = []
+        for packed in (True, False):
+            self.packed = packed
+            try:
+                upper = torch.log_softmax(self.tail_logits(model, batch, pad), dim=-1)
+            except Exception as exc:  # any failure means this model's stack does not fit the scheme
+                problems.append(f"the {_mode(packed)} upper-layers pass failed: {type(exc).__name__}: {exc}")
+                continue
+            finally:
+                self.clear()
+                self.hits = self.misses = 0
+            difference = float((full - upper).abs().max())
+            if difference <= tolerance:
+                return None
+            problems.append(
+                f"the {_mode(packed)} upper-layers pass differs from the full forward by {difference:.3g} "
+                f"(tolerance {tolerance})"
+            )
+        return "; ".join(problems)
+
+
+def _mode(packed: bool) -> str:
+    return "packed" if packed else "padded"
+
+
+def _packed(rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, total) token ids of `rows` one after the other, and positions restarting at 0 for each row."""
+    ids = torch.tensor([t for row in rows for t in row], dtype=torch.long).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(row)) for row in rows]).unsqueeze(0)
+    return ids, positions

@@ -98,12 +98,15 @@ def test_locate_gives_none_when_nothing_can_be_cached(names: list[str], tokens: 
 # --- the upper-layers pass equals the full forward ------------------------------------------------
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
-def test_upper_layers_pass_equals_the_full_forward_before_and_after_an_edit(kind: str) -> None:
+def test_upper_layers_pass_equals_the_full_forward_before_and_after_an_edit(kind: str, packed: bool) -> None:
     model, names = _model(kind)
     frozen = FrozenLayers.locate(model, names)
     assert frozen is not None
     assert frozen.verify(model, 0) is None
+    assert frozen.packed  # these architectures take packed rows
+    frozen.packed = packed
     batch = _batch()
     assert torch.allclose(frozen.tail_logits(model, batch, 0), tail_logits(model, batch), atol=1e-5)
     assert (frozen.misses, frozen.hits) == (len(ROWS), 0)
@@ -114,6 +117,41 @@ def test_upper_layers_pass_equals_the_full_forward_before_and_after_an_edit(kind
     assert not torch.allclose(edited, tail_logits(_model(kind)[0], batch), atol=1e-3)  # the edit shows
     assert torch.allclose(frozen.tail_logits(model, batch, 0), edited, atol=1e-5)
     assert (frozen.misses, frozen.hits) == (len(ROWS), len(ROWS))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_rows_give_each_row_its_own_logits_whatever_its_neighbours(kind: str) -> None:
+    model, names = _model(kind)
+    frozen = FrozenLayers.locate(model, names)
+    assert frozen is not None and frozen.packed
+    _perturb_upper(model, names)
+    # rows of one token, a duplicate, and more kept positions than the shortest row has: the logits of
+    # each real position equal that row scored alone; positions before a row's start are not scored
+    rows = [[1, 5, 9, 13, 17], [7], [1, 40, 41], [1, 5, 9, 13, 17], [2, 3]]
+    batch = _batch(rows, keep=3)
+    packed = frozen.tail_logits(model, batch, 0)
+    assert packed.shape == (len(rows), 3, 400)
+    for b, row in enumerate(rows):
+        alone = tail_logits(model, _batch([row], keep=min(3, len(row))))[0]
+        assert torch.allclose(packed[b, 3 - alone.shape[0] :], alone, atol=1e-5), row
+
+
+def test_verify_falls_back_to_padded_rows_when_packing_does_not_reproduce_the_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, names = _model()
+    frozen = FrozenLayers.locate(model, names)
+    assert frozen is not None
+    real = FrozenLayers._packed_tail
+
+    def shifted(self: FrozenLayers, *args: Any) -> torch.Tensor:  # a model whose mask code ignores packing
+        return real(self, *args) + 0.1 * torch.arange(400)
+
+    monkeypatch.setattr(FrozenLayers, "_packed_tail", shifted)
+    assert frozen.verify(model, 0) is None
+    assert not frozen.packed
+    batch = _batch()
+    assert torch.allclose(frozen.tail_logits(model, batch, 0), tail_logits(model, batch), atol=1e-5)
 
 
 def test_rows_are_reused_across_batches_of_other_shapes() -> None:
@@ -259,7 +297,8 @@ def test_verify_reports_a_model_whose_upper_layers_read_a_lower_layer() -> None:
     frozen = FrozenLayers.locate(model, ["layers.2.mlp"])
     assert frozen is not None and frozen.first_edited == 2
     problem = frozen.verify(model, 0)
-    assert problem is not None and "differs from the full forward" in problem
+    assert problem is not None
+    assert "packed upper-layers pass" in problem and "padded upper-layers pass differs from the full forward" in problem
     assert frozen.cached_rows == 0 and frozen.misses == 0  # verification leaves nothing behind
 
 
