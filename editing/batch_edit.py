@@ -124,10 +124,9 @@ class GatedEditor:
                     # The editor runs the model on the facts' prompt + answer rows, which are the efficacy
                     # rows of the check: their lower layers are recorded on the way.
                     with frozen.recording(model) if frozen is not None else nullcontext():
-                        if any(s != 1.0 for s in strengths):
-                            plan = self.editor.propose(examples, masters, strengths=strengths)
-                        else:
-                            plan = self.editor.propose(examples, masters)
+                        plan = self.editor.propose(
+                            examples, masters, strengths=strengths if any(s != 1.0 for s in strengths) else None
+                        )
                     phases["propose"] += time.perf_counter() - began
                     began = time.perf_counter()
                     prepared = prepare_commit(plan.deltas, plan.editor_state)

@@ -116,8 +116,13 @@ class Checker(BatchChecker):
 class BrokenEditor(EMSEditor):
     """Proposes, then scribbles over an edited weight and raises (a worst-case failing editor)."""
 
-    def propose(self, examples: Sequence[EditExample], masters: dict[str, torch.Tensor] | None = None) -> EditPlan:
-        super().propose(examples, masters)
+    def propose(
+        self,
+        examples: Sequence[EditExample],
+        masters: dict[str, torch.Tensor] | None = None,
+        strengths: Sequence[float] | None = None,
+    ) -> EditPlan:
+        super().propose(examples, masters, strengths=strengths)
         with torch.no_grad():
             weight_in_out(next(iter(self.modules.values()))).add_(1.0)
         raise ValueError("editor failed")
