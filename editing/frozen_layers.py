@@ -258,8 +258,9 @@ class FrozenLayers:
         first position's (the caller's labels are -100 there, as in a left-padded batch).
         """
         ids, positions = _packed(rows)
-        ends = torch.tensor([len(r) for r in rows]).cumsum(0)  # one past each row's last position
-        starts = ends - torch.tensor([len(r) for r in rows])
+        lengths = torch.tensor([len(r) for r in rows])
+        ends = lengths.cumsum(0)  # one past each row's last position
+        starts = ends - lengths
         offsets = torch.arange(keep - 1, -1, -1)  # k-th kept position sits keep-1-k before the row's end
         index = torch.maximum(ends.unsqueeze(1) - 1 - offsets, starts.unsqueeze(1))  # (B, K)
         device = model_device(model)
