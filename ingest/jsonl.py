@@ -21,8 +21,7 @@ from ingest.config import IngestConfig, JsonlSource
 from ingest.documents import jsonl_records
 from ingest.errors import DocumentError, FetchError
 from ingest.facts import to_outcomes
-from ingest.fetch import fetch
-from ingest.polling import Poll, SourceState, commit_poll, ledger_name, open_source
+from ingest.polling import Poll, SourceState, commit_poll, conditional_fetch, ledger_name, open_source, unchanged_poll
 
 KIND = "jsonl"
 PREFIX_BYTES = 65536
@@ -109,14 +108,9 @@ def _record(
 def _poll_url(source: JsonlSource, config: IngestConfig, factory: sessionmaker[Session], state: SourceState) -> Poll:
     if urlsplit(source.location).path.endswith(".gz"):
         raise DocumentError(f"{source.location}: gzip JSONL URLs are not read incrementally; serve plain JSONL")
-    response = fetch(
-        source.location, config.http, max_bytes=config.limits.max_fetch_bytes,
-        etag=state.etag, last_modified=state.last_modified,
-    )
+    response = conditional_fetch(source.location, config, state)
     if response.not_modified:
-        result = commit_poll(factory, state, [], cursor=None)
-        result.not_modified = True
-        return result
+        return unchanged_poll(factory, state)
     body = response.body
     offset, line = int(state.cursor.get("offset", 0)), int(state.cursor.get("line", 1))
     if offset > len(body) or _prefix_hash(body, offset) != state.cursor.get("prefix", _prefix_hash(body, 0)):

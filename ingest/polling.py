@@ -14,7 +14,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest.config import IngestConfig
 from ingest.facts import Outcome
+from ingest.fetch import Response, fetch
 from ingest.progress import dump_cursor, load_cursor
 from ingest.recording import Tally, record_outcomes
 from store import ledger
@@ -50,6 +52,23 @@ def open_source(factory: sessionmaker[Session], *, name: str, kind: str, locatio
         row = ledger.ensure_source(session=session, name=name, kind=kind, location=location)
         state = SourceState(name, load_cursor(session, name), row.etag, row.last_modified)
     return state
+
+
+def conditional_fetch(url: str, config: IngestConfig, state: SourceState) -> Response:
+    """Fetch `url` with the configured HTTP settings and size limit, sending the state's validators.
+
+    Raises FetchError as `fetch` does; a 304 answer comes back as a Response with `not_modified`.
+    """
+    return fetch(
+        url, config.http, max_bytes=config.limits.max_fetch_bytes, etag=state.etag, last_modified=state.last_modified
+    )
+
+
+def unchanged_poll(factory: sessionmaker[Session], state: SourceState) -> Poll:
+    """Record a poll the server answered with 304: nothing read, cursor and validators kept, poll ok."""
+    result = commit_poll(factory, state, [], cursor=None)
+    result.not_modified = True
+    return result
 
 
 def commit_poll(

@@ -30,8 +30,8 @@ from ingest.config import FeedMapping, FeedSource, IngestConfig, IngestLimits
 from ingest.documents import parse_line, safe_excerpt
 from ingest.errors import RecordError
 from ingest.facts import Accepted, Outcome, document_rejection, safe_reason, to_fact
-from ingest.fetch import Response, fetch
-from ingest.polling import Poll, SourceState, commit_poll, ledger_name, open_source
+from ingest.fetch import Response
+from ingest.polling import Poll, SourceState, commit_poll, conditional_fetch, ledger_name, open_source, unchanged_poll
 from ingest.progress import remember
 from store.records import Origin, RejectionIn
 
@@ -139,14 +139,9 @@ def entry_outcome(entry: Any, mapping: FeedMapping, *, origin: Origin, limits: I
 def poll(source: FeedSource, config: IngestConfig, session_factory: sessionmaker[Session]) -> Poll:
     """Fetch the feed and record its new entries. Raises FetchError when it cannot be fetched."""
     state = open_source(session_factory, name=ledger_name(KIND, source.name), kind=KIND, location=source.url)
-    response = fetch(
-        source.url, config.http, max_bytes=config.limits.max_fetch_bytes,
-        etag=state.etag, last_modified=state.last_modified,
-    )
+    response = conditional_fetch(source.url, config, state)
     if response.not_modified:
-        result = commit_poll(session_factory, state, [], cursor=None)
-        result.not_modified = True
-        return result
+        return unchanged_poll(session_factory, state)
     try:
         parsed = parse_feed(response.body, response)
     except RecordError as exc:

@@ -18,8 +18,7 @@ from ingest.config import IngestConfig, WebJsonSource
 from ingest.documents import json_records, safe_excerpt
 from ingest.errors import DocumentError
 from ingest.facts import Outcome, document_rejection, to_outcomes
-from ingest.fetch import fetch
-from ingest.polling import Poll, commit_poll, ledger_name, open_source
+from ingest.polling import Poll, commit_poll, conditional_fetch, ledger_name, open_source, unchanged_poll
 
 KIND = "web"
 
@@ -27,14 +26,9 @@ KIND = "web"
 def poll(source: WebJsonSource, config: IngestConfig, session_factory: sessionmaker[Session]) -> Poll:
     """Fetch the endpoint and record the records not yet recorded. Raises FetchError when unreachable."""
     state = open_source(session_factory, name=ledger_name(KIND, source.name), kind=KIND, location=source.url)
-    response = fetch(
-        source.url, config.http, max_bytes=config.limits.max_fetch_bytes,
-        etag=state.etag, last_modified=state.last_modified,
-    )
+    response = conditional_fetch(source.url, config, state)
     if response.not_modified:
-        result = commit_poll(session_factory, state, [], cursor=None)
-        result.not_modified = True
-        return result
+        return unchanged_poll(session_factory, state)
     digest = hashlib.sha256(response.body).hexdigest()
     done = int(state.cursor.get("done", 0)) if state.cursor.get("digest") == digest else 0
     failure = None
