@@ -112,6 +112,7 @@ def train_editor(
             "n_examples": len(examples),
             "options": asdict(options),
             "optimiser_steps": report.optimiser_steps,
+            "key_covariance": editor.config.key_covariance,
             "trained_by": "daemon first run",
         }
         output = settings.editor_checkpoint()

@@ -31,6 +31,7 @@ FORMAT_VERSION = 2
 WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor_config.json"
 PACKAGE = "lifelong-edit-daemon"
+KEY_MOMENTS = "key_moments."  # prefix of the key statistics' tensors (optional; editing/key_covariance.py)
 
 
 def code_version() -> str:
@@ -88,9 +89,14 @@ def module_shapes(modules: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
 
 
 def save_checkpoint(directory: Path, editor: EMSEditor, info: CheckpointInfo) -> None:
-    """Write the two checkpoint files into `directory` (created if needed; existing files are replaced)."""
+    """Write the two checkpoint files into `directory` (created if needed; existing files are replaced).
+
+    The key statistics of `key_covariance` (when the editor has them) go into the same tensor file, under
+    `key_moments.<module>`.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in editor.nets.state_dict().items()}
+    tensors |= {KEY_MOMENTS + name: m.detach().cpu().contiguous() for name, m in editor.key_moments.items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
     (directory / CONFIG_FILE).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
 
@@ -160,12 +166,29 @@ def build_editor(
         )
     editor = EMSEditor(model, tokenizer, names, _runtime_config(info, config))
     check_compatible(info, fingerprint, module_shapes(editor.modules))
-    nets: EditorNets = editor.nets
     try:
-        nets.load_state_dict({k: v.to(editor.device) for k, v in checkpoint.tensors.items()}, strict=True)
-    except RuntimeError as exc:
+        load_tensors(editor, checkpoint.tensors)
+    except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"editor checkpoint tensors do not fit its own description: {exc}") from exc
+    if config.key_covariance > 0 and not editor.key_moments:
+        raise CheckpointError(
+            "[editor] key_covariance is set but the editor checkpoint has no key statistics (it was trained "
+            "without it): retrain the editor with key_covariance > 0 or set key_covariance = 0"
+        )
     return editor
+
+
+def load_tensors(editor: EMSEditor, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's tensors into `editor`: its networks (strictly) and any key statistics.
+
+    RuntimeError when the network tensors do not fit the editor's networks, ValueError when the key
+    statistics do not fit its modules.
+    """
+    nets: EditorNets = editor.nets
+    moments = {k.removeprefix(KEY_MOMENTS): v for k, v in tensors.items() if k.startswith(KEY_MOMENTS)}
+    nets.load_state_dict({k: v.to(editor.device) for k, v in tensors.items() if not k.startswith(KEY_MOMENTS)}, strict=True)
+    if moments:
+        editor.set_key_moments(moments)
 
 
 def _runtime_config(info: CheckpointInfo, config: EditorConfig) -> EditorConfig:

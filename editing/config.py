@@ -114,6 +114,17 @@ class EditorConfig(BaseModel):
             "ridge solve, so that edits move typical unrelated keys less. 0 is EMSEdit's plain ridge solve."
         ),
     )
+    key_covariance: float = Field(
+        0.0,
+        ge=0.0,
+        le=1e9,
+        description=(
+            "Weight γ of MEMIT's preservation term γ·C in the ridge solve, C = E[uuᵀ] of each edited module's input "
+            "over the training facts' texts on the unedited model (measured when the editor is trained with γ > 0 "
+            "and saved with it; γ can then be changed without retraining). Trades efficacy for retention better "
+            "than a smaller edit_lr (docs/editor.md). 0 is EMSEdit's plain ridge solve."
+        ),
+    )
     project_out_mean_key: bool = Field(
         False,
         description=(

@@ -25,6 +25,7 @@ from torch import nn
 from editing.config import EditorConfig
 from editing.data import EditExample
 from editing.deltas import EditPlan, StepDiagnostics, add_deltas, apply, master_copies, parameter, restore, snapshot
+from editing.errors import EditingError
 from editing.hypernet import EditorNets
 from editing.solve import key_prior, ridge_solve
 from editing.targets import resolve_modules, weight_in_out
@@ -162,6 +163,8 @@ class EMSEditor:
         first = parameter(next(iter(self.modules.values()))).device
         self.device = torch.device(config.hypernet_device) if config.hypernet_device else first
         self.nets = nets.to(self.device)
+        # C = E[uuᵀ] per module for `config.key_covariance` (editing/key_covariance.py); set by training or a checkpoint
+        self.key_moments: dict[str, torch.Tensor] = {}
 
     @property
     def module_names(self) -> list[str]:
@@ -173,6 +176,18 @@ class EMSEditor:
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return {name: weight_in_out(module) for name, module in self.modules.items()}
+
+    def set_key_moments(self, moments: dict[str, torch.Tensor]) -> None:
+        """Use `moments` (module -> E[uuᵀ], (d_in, d_in)) for the key covariance term; ValueError if they do not fit."""
+        shapes = {name: int(w.shape[0]) for name, w in self._weights().items()}
+        if set(moments) != set(shapes):
+            raise ValueError(
+                f"key statistics are for modules {sorted(moments)}, the editor edits {sorted(shapes)}"
+            )
+        for name, moment in moments.items():
+            if tuple(moment.shape) != (shapes[name], shapes[name]):
+                raise ValueError(f"key statistics of {name} have shape {tuple(moment.shape)}, expected {(shapes[name],) * 2}")
+        self.key_moments = {name: m.to(self.device, torch.float32) for name, m in moments.items()}
 
     def tokenise(self, examples: Sequence[EditExample]) -> TokenBatch:
         """The edit batch: each example's prompt teacher-forced on its new target."""
@@ -207,6 +222,14 @@ class EMSEditor:
         stats = net.normaliser
         if self.config.preserve_keys > 0:
             prior = key_prior(stats.mean[: net.key_size], stats.var[: net.key_size], self.config.preserve_keys)
+        if self.config.key_covariance > 0:
+            if name not in self.key_moments:
+                raise EditingError(
+                    "[editor] key_covariance is set but this editor has no key statistics: train it with "
+                    "key_covariance > 0 (python -m editing.train --key-covariance G) or set key_covariance = 0"
+                )
+            covariance = self.config.key_covariance * self.key_moments[name]
+            prior = covariance if prior is None else prior + covariance
         if self.config.project_out_mean_key:
             keys = project_out(keys, stats.mean[: net.key_size])
         return ridge_solve(keys, values, net.ridge(idx), self.config.solve_form, prior)

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--n-blocks", type=int, default=None)
     parser.add_argument("--edit-lr", type=float, default=None, help="initial step size η")
+    parser.add_argument(
+        "--key-covariance", type=float, default=None,
+        help="γ of the key covariance term: measure the key statistics and train through that solve",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     from editing.training import TrainingOptions
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.logging)
     editor_config = settings.editor.model_copy(
-        update=_overrides(args, ["mode", "steps", "rank", "n_blocks", "edit_lr", "seed"])
+        update=_overrides(args, ["mode", "steps", "rank", "n_blocks", "edit_lr", "key_covariance", "seed"])
     )
     option_names = [f.name for f in fields(TrainingOptions) if f.name != "seed"]
     options = TrainingOptions(**_overrides(args, option_names), seed=editor_config.seed)
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         report = meta_train(editor, examples, options, progress=not args.no_progress)
         training = {"data": args.data, "data_hash": examples_hash(examples), "n_examples": len(examples)}
         training |= {"options": asdict(options), "optimiser_steps": report.optimiser_steps}
+        training["key_covariance"] = editor_config.key_covariance
         output = args.output or settings.editor_checkpoint()
         save_checkpoint(output, editor, checkpoint_info(editor, loaded.fingerprint, loaded.model_type, training))
     except (EditingError, ValueError) as exc:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from editing.data import EditExample
 from editing.deltas import apply, master_copies, restore, snapshot
 from editing.emsedit import Deltas, EMSEditor, StepRecord, input_device, lm_logits, split_batch, traced_loss_passes
+from editing.key_covariance import key_second_moments, reference_texts
 from editing.tokenise import TokenBatch, tokenise
 from editing.tracing import trace_modules
 
@@ -268,12 +269,20 @@ def meta_train(
 ) -> TrainingReport:
     """Train the editor's hypernetworks in place; the LM ends bit-identical to how it started.
 
+    With `key_covariance` > 0 and no key statistics yet, the editor first measures them on the model as
+    handed in, over the texts of `examples` (`editing.key_covariance`), and trains through that solve.
+
     The mode (sequential or batch) is the editor's (`EditorConfig.mode`), since it fixes the networks.
     `on_batch(done, total, edit_loss)` reports progress after each training batch; an exception it
     raises stops training (the LM is still restored) and propagates.
     """
     torch.manual_seed(options.seed)
     batches = make_batches(editor, examples, options)
+    if editor.config.key_covariance > 0 and not editor.key_moments:
+        # measured before any training edit, i.e. on the model as it was handed in (the unedited one)
+        texts = reference_texts(examples)
+        editor.set_key_moments(key_second_moments(editor.model, editor.tokenizer, editor.modules, texts))
+        logger.info("key statistics for key_covariance measured on %d texts", len(texts))
     trainer = MetaTrainer(editor, options, on_batch)
     trainer.total_batches = len(batches) * options.epochs
     for epoch in range(options.epochs):

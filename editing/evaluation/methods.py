@@ -38,14 +38,19 @@ from torch import nn
 from editing.baselines.ft import FTConfig, FTEditor
 from editing.baselines.mend import MENDEditor, mend_config
 from editing.baselines.ultraedit import UltraEditor, ultraedit_config
-from editing.checkpoint import check_compatible, checkpoint_info, load_checkpoint, module_shapes, save_checkpoint
+from editing.checkpoint import (
+    check_compatible,
+    checkpoint_info,
+    load_checkpoint,
+    load_tensors,
+    module_shapes,
+    save_checkpoint,
+)
 from editing.config import EditorConfig
 from editing.data import EditExample, examples_hash
 from editing.deltas import EditPlan
 from editing.emsedit import EMSEditor
 from editing.errors import CheckpointError
-from editing.evaluation.covariance import CovarianceEditor, key_second_moments, reference_texts
-from editing.targets import resolve_modules
 from editing.training import TrainingOptions, meta_train
 
 logger = logging.getLogger(__name__)
@@ -63,7 +68,6 @@ class MethodSpec:
     editor: EditorConfig = field(default_factory=EditorConfig)
     training: TrainingOptions | None = None
     ft: FTConfig | None = None
-    key_covariance: float = 0.0  # γ of the experimental covariance term (`covariance.py`); 0: off
 
     def settings(self) -> dict[str, Any]:
         """Everything that defines the method, JSON-ready (for reports and checkpoint reuse)."""
@@ -73,8 +77,6 @@ class MethodSpec:
             return out
         out["editor"] = self.editor.model_dump(mode="json", exclude={"checkpoint", "hypernet_device", "seed"})
         out["training"] = asdict(self.training) if self.training else None
-        if self.key_covariance:
-            out["key_covariance"] = self.key_covariance
         return out
 
 
@@ -134,8 +136,7 @@ def _parse_value(text: str) -> Any:
 def with_settings(spec: MethodSpec, name: str, changes: dict[str, Any]) -> MethodSpec:
     """`spec` renamed to `name` with fields of its EditorConfig, TrainingOptions or FTConfig changed."""
     editor, training, ft = {}, {}, {}
-    covariance = float(changes.pop("key_covariance", spec.key_covariance) or 0.0)
-    if covariance and spec.family != "hypernet":
+    if changes.get("key_covariance") and spec.family != "hypernet":  # the others have no ridge solve to add it to
         raise ValueError(f"method {spec.name!r} has no setting 'key_covariance' (hypernetwork methods only)")
     training_fields = {f.name for f in fields(TrainingOptions)}
     ft_fields = {f.name for f in fields(FTConfig)}
@@ -154,7 +155,6 @@ def with_settings(spec: MethodSpec, name: str, changes: dict[str, Any]) -> Metho
         editor=EditorConfig(**{**spec.editor.model_dump(), **editor}),
         training=replace(spec.training, **training) if spec.training is not None else None,
         ft=replace(spec.ft, **ft) if spec.ft is not None else None,
-        key_covariance=covariance,
     )
 
 
@@ -215,15 +215,7 @@ class ModelHandle:
     model_type: str
 
 
-def _editor(
-    spec: MethodSpec, handle: ModelHandle, names: list[str], config: EditorConfig, texts: Sequence[EditExample]
-) -> EMSEditor:
-    if spec.key_covariance:
-        if not texts:
-            raise ValueError(f"method {spec.name!r} (key_covariance) needs training facts (--train-data) for its key statistics")
-        modules = resolve_modules(handle.model, names)
-        moments = key_second_moments(handle.model, handle.tokenizer, modules, reference_texts(texts))
-        return CovarianceEditor(handle.model, handle.tokenizer, names, config, moments, spec.key_covariance)
+def _editor(spec: MethodSpec, handle: ModelHandle, names: list[str], config: EditorConfig) -> EMSEditor:
     if spec.family == "ultraedit":
         return UltraEditor(handle.model, handle.tokenizer, names, config)
     cls = MENDEditor if spec.family == "mend" else EMSEditor
@@ -239,11 +231,13 @@ def _load(editor: EMSEditor, directory: Path, fingerprint: str) -> dict[str, Any
     checkpoint = load_checkpoint(directory)
     check_compatible(checkpoint.info, fingerprint, module_shapes(editor.modules))
     try:
-        editor.nets.load_state_dict({k: v.to(editor.device) for k, v in checkpoint.tensors.items()}, strict=True)
-    except RuntimeError as exc:
+        load_tensors(editor, checkpoint.tensors)
+    except (RuntimeError, ValueError) as exc:
         raise CheckpointError(
             f"editor checkpoint {directory} does not fit this method's networks (mode, steps, rank, blocks): {exc}"
         ) from exc
+    if editor.config.key_covariance > 0 and not editor.key_moments:
+        raise CheckpointError(f"editor checkpoint {directory} has no key statistics for key_covariance; retrain it with them")
     return checkpoint.info.training
 
 
@@ -274,7 +268,7 @@ def prepare(
         return PreparedMethod(spec, FTEditor(handle.model, handle.tokenizer, module_names, spec.ft), module_names)
     if checkpoint is not None:
         config = _checkpoint_config(spec, checkpoint, seed)
-        editor = _editor(spec, handle, module_names, config, train_examples)
+        editor = _editor(spec, handle, module_names, config)
         training = _load(editor, checkpoint, handle.fingerprint)
         facts = int(training.get("n_examples", 0))
         return PreparedMethod(
@@ -282,7 +276,7 @@ def prepare(
             float(training.get("train_cpu_seconds", 0.0)), f"checkpoint {checkpoint}",
         )
     torch.manual_seed(seed)
-    editor = _editor(spec, handle, module_names, spec.editor.model_copy(update={"seed": seed}), train_examples)
+    editor = _editor(spec, handle, module_names, spec.editor.model_copy(update={"seed": seed}))
     if spec.training is None:
         return PreparedMethod(spec, editor, module_names)
     if not train_examples:

@@ -104,9 +104,7 @@ def run_evaluation(
     load_start = os.getloadavg()
     kind = data_kind(plan.eval_data)
     batches = evaluation_batches(plan)
-    needs_training = any(
-        (s.training is not None and s.name not in plan.checkpoints) or s.key_covariance for s in plan.methods
-    )
+    needs_training = any(s.training is not None and s.name not in plan.checkpoints for s in plan.methods)
     train = load_examples(plan.train_data, limit=plan.train_limit, seed=plan.seed) if plan.train_data and needs_training else []
     baseline = measure_baseline(handle.model, handle.tokenizer, batches, kind, plan.eval_batch_size)
     report: dict[str, Any] = {

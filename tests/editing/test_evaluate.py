@@ -243,7 +243,7 @@ def test_merge_refuses_a_different_evaluation() -> None:
 def test_key_covariance_variant_moves_unrelated_keys_less(
     engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
 ) -> None:
-    from editing.evaluation.covariance import key_second_moments, reference_texts
+    from editing.key_covariance import key_second_moments, reference_texts
 
     handle, names = _handle(engine_tiny_lm, bpe_tokenizer)
     facts = synthetic_examples(24, seed=4)
@@ -257,7 +257,8 @@ def test_key_covariance_variant_moves_unrelated_keys_less(
         parse_variant("cov=ultraedit:key_covariance=10")
     covariant = parse_variant("cov=emsedit1:key_covariance=1000,edit_lr=0.01,n_batches=1")
     untrained = parse_variant("base=emsedit1:edit_lr=0.01,n_batches=1")
-    assert covariant.key_covariance == 1000 and covariant.settings()["key_covariance"] == 1000 and plain.name == "plain"
+    assert covariant.editor.key_covariance == 1000 and covariant.settings()["editor"]["key_covariance"] == 1000
+    assert plain.name == "plain"
     plan = EvaluationPlan(methods=[untrained, covariant], eval_data="synthetic:8", train_data="synthetic:16",
                           batch_size=4, batches=2)
     rows = {r["method"]: r for r in run_evaluation(plan, handle, names)["rows"]}
