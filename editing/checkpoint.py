@@ -170,11 +170,6 @@ def build_editor(
         load_tensors(editor, checkpoint.tensors)
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"editor checkpoint tensors do not fit its own description: {exc}") from exc
-    if config.key_covariance > 0 and not editor.key_moments:
-        raise CheckpointError(
-            "[editor] key_covariance is set but the editor checkpoint has no key statistics (it was trained "
-            "without it): retrain the editor with key_covariance > 0 or set key_covariance = 0"
-        )
     return editor
 
 
@@ -182,13 +177,19 @@ def load_tensors(editor: EMSEditor, tensors: dict[str, torch.Tensor]) -> None:
     """Put a checkpoint's tensors into `editor`: its networks (strictly) and any key statistics.
 
     RuntimeError when the network tensors do not fit the editor's networks, ValueError when the key
-    statistics do not fit its modules.
+    statistics do not fit its modules, CheckpointError when the editor's `key_covariance` needs key
+    statistics that the tensors do not hold.
     """
     nets: EditorNets = editor.nets
     moments = {k.removeprefix(KEY_MOMENTS): v for k, v in tensors.items() if k.startswith(KEY_MOMENTS)}
     nets.load_state_dict({k: v.to(editor.device) for k, v in tensors.items() if not k.startswith(KEY_MOMENTS)}, strict=True)
     if moments:
         editor.set_key_moments(moments)
+    elif editor.config.key_covariance > 0:
+        raise CheckpointError(
+            "[editor] key_covariance is set but the editor checkpoint has no key statistics (it was trained "
+            "without it): retrain the editor with key_covariance > 0 or set key_covariance = 0"
+        )
 
 
 def _runtime_config(info: CheckpointInfo, config: EditorConfig) -> EditorConfig:

@@ -236,8 +236,6 @@ def _load(editor: EMSEditor, directory: Path, fingerprint: str) -> dict[str, Any
         raise CheckpointError(
             f"editor checkpoint {directory} does not fit this method's networks (mode, steps, rank, blocks): {exc}"
         ) from exc
-    if editor.config.key_covariance > 0 and not editor.key_moments:
-        raise CheckpointError(f"editor checkpoint {directory} has no key statistics for key_covariance; retrain it with them")
     return checkpoint.info.training
 
 
