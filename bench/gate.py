@@ -209,7 +209,7 @@ def setup(args: argparse.Namespace) -> Env:
         references,
         examples,
         base_eval,
-        editor.normaliser_state(),
+        editor.edit_state(),
         proposes,
         measures,
         info,
@@ -219,7 +219,7 @@ def setup(args: argparse.Namespace) -> Env:
 def reset_to_base(env: Env) -> None:
     """Publish the base weights (version 0) and the editor's initial statistics."""
     env.state.publish(env.state.stage(0, []))
-    env.editor.load_normaliser_state({k: v.clone() for k, v in env.base_stats.items()})
+    env.editor.load_edit_state({k: v.clone() for k, v in env.base_stats.items()})
 
 
 def probe_point(env: Env, suite: ProbeSuite, policy: DriftPolicy, batch: int, committed: int) -> dict[str, Any]:

@@ -125,6 +125,16 @@ class EditorConfig(BaseModel):
             "than a smaller edit_lr (docs/editor.md). 0 is EMSEdit's plain ridge solve."
         ),
     )
+    preserve_edits: float = Field(
+        1.0,
+        ge=0.0,
+        le=1e9,
+        description=(
+            "Weight β of the edit memory in the ridge solve: β·Σ KᵀK over the keys of every edit already made "
+            "(editing/edit_memory.py), so a new edit leaves the outputs at earlier edits' keys where they are and "
+            "a long stream does not overwrite its own beginning (docs/editor.md). 0 is EMSEdit's plain ridge solve."
+        ),
+    )
     project_out_mean_key: bool = Field(
         False,
         description=(

@@ -6,9 +6,10 @@ step's hypernetwork to value changes, aggregate them with the ridge solve into �
 
 Contracts:
 - `propose(examples)` returns an `EditPlan` (ΔW = Σ_s ΔW_s per module, float32, (in, out)) and leaves
-  the model bit-identical and the editor state unchanged. The normaliser statistics the edit produced
-  (when not frozen) travel in `plan.editor_state`; `adopt_state(plan)` makes them current once the
-  caller commits the edit, and `load_normaliser_state` puts any recorded state back (exact revert).
+  the model bit-identical and the editor state unchanged. The editor state an edit produces (the
+  normaliser statistics, when not frozen, and with `preserve_edits` the edit memory, editing/edit_memory.py)
+  travels in `plan.editor_state`; `adopt_state(plan)` makes it current once the caller commits the edit,
+  and `load_edit_state` puts any recorded state back (exact revert).
 - Applying and restoring weights are `editing.deltas.apply` / `restore`, explicit and separate.
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 from editing.config import EditorConfig
 from editing.data import EditExample
 from editing.deltas import EditPlan, StepDiagnostics, add_deltas, apply, master_copies, parameter, restore, snapshot
+from editing.edit_memory import is_memory_key, memory, remember
 from editing.errors import EditingError
 from editing.hypernet import EditorNets
 from editing.solve import key_prior, ridge_solve
@@ -165,6 +167,9 @@ class EMSEditor:
         self.nets = nets.to(self.device)
         # C = E[uuᵀ] per module for `config.key_covariance` (editing/key_covariance.py); set by training or a checkpoint
         self.key_moments: dict[str, torch.Tensor] = {}
+        # the edit memory of `config.preserve_edits` (editing/edit_memory.py): part of the edit state
+        self._memory_state: dict[str, torch.Tensor] = {}
+        self._memory_priors: dict[str, torch.Tensor] = {}  # module -> G as float32 on self.device
 
     @property
     def module_names(self) -> list[str]:
@@ -230,6 +235,9 @@ class EMSEditor:
                 )
             covariance = self.config.key_covariance * self.key_moments[name]
             prior = covariance if prior is None else prior + covariance
+        if self.config.preserve_edits > 0 and name in self._memory_priors:
+            earlier = self.config.preserve_edits * self._memory_priors[name]
+            prior = earlier if prior is None else prior + earlier
         if self.config.project_out_mean_key:
             keys = project_out(keys, stats.mean[: net.key_size])
         return ridge_solve(keys, values, net.ridge(idx), self.config.solve_form, prior)
@@ -303,22 +311,39 @@ class EMSEditor:
             restore(self.model, saved)
             state_after = self.nets.normaliser_state()
             self.nets.load_normaliser_state(state_before)
+        state_after |= self.remembered(records)
         total: Deltas = {}
         for record in records:
             total = add_deltas(total, record.deltas)
         deltas = {name: total[name].to(weight_in_out(m).device) for name, m in self.modules.items()}
         return EditPlan(deltas, tuple(r.diagnostics for r in records), state_after)
 
+    def remembered(self, records: Sequence[StepRecord]) -> dict[str, torch.Tensor]:
+        """The edit memory after an edit whose steps are `records`: grown by the last step's keys when
+        `preserve_edits` is on, the current one otherwise (a memory kept while the option is off stays)."""
+        if self.config.preserve_edits <= 0 or not records:
+            return {key: value.clone() for key, value in self._memory_state.items()}
+        return remember(self._memory_state, {name: keys for name, (keys, _) in records[-1].captures.items()})
+
     def adopt_state(self, plan: EditPlan) -> None:
-        """Make the normaliser statistics of a committed plan the editor's current state."""
+        """Make the editor state of a committed plan the editor's current state."""
         if plan.editor_state:
-            self.nets.load_normaliser_state(plan.editor_state)
+            self.load_edit_state(plan.editor_state)
 
-    def normaliser_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the running statistics (what an edit changes); see `load_normaliser_state`."""
-        return self.nets.normaliser_state()
+    def edit_state(self) -> dict[str, torch.Tensor]:
+        """Copies of what an edit changes: the running statistics and the edit memory; see `load_edit_state`."""
+        return self.nets.normaliser_state() | {key: value.clone() for key, value in self._memory_state.items()}
 
-    def load_normaliser_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the running statistics exactly (e.g. to revert to a recorded version)."""
-        self.nets.load_normaliser_state(state)
+    def load_edit_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the running statistics and the edit memory exactly (e.g. to revert to a recorded version).
+
+        KeyError for a state of other networks; a state without edit memory empties it.
+        """
+        self.nets.load_normaliser_state({key: value for key, value in state.items() if not is_memory_key(key)})
+        self.set_edit_memory(state)
+
+    def set_edit_memory(self, state: dict[str, torch.Tensor]) -> None:
+        """Make the edit-memory entries of `state` the current memory (others are ignored; none empties it)."""
+        self._memory_state = {key: value.clone() for key, value in state.items() if is_memory_key(key)}
+        self._memory_priors = {name: gram.to(self.device, torch.float32) for name, gram in memory(state).items()}
 

@@ -1,7 +1,7 @@
 """The versioned model state: the crash-safe commit protocol, rebuilds, exact reverts, recovery, consolidation.
 
-`ModelHistory` joins the live `WeightState`, the `ArtefactStore` and the editor's normaliser
-statistics. The ledger stays with the caller, passed in as callables and as `CommitRef`s (what the
+`ModelHistory` joins the live `WeightState`, the `ArtefactStore` and the editor's edit state (normaliser
+statistics and edit memory). The ledger stays with the caller, passed in as callables and as `CommitRef`s (what the
 ledger knows about each commit); docs/model-state.md describes the wiring.
 
 Commit protocol (`commit`), each step durable before the next starts:
@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from editing.edit_memory import replayed_state, stored_state
 from editing.errors import ModelMismatch
 from editing.lowrank import DeltaCodecStats, decode_delta, encode_deltas
 from editing.weights import StagedWeights, WeightsHashMismatch, WeightState
@@ -36,11 +37,11 @@ COMMIT, SNAPSHOT = ArtefactKind.COMMIT, ArtefactKind.SNAPSHOT
 
 
 class EditorStateHolder(Protocol):
-    """What the history needs of the editor (EMSEditor has both): its normaliser statistics."""
+    """What the history needs of the editor (EMSEditor has both): the state an edit changes."""
 
-    def normaliser_state(self) -> dict[str, torch.Tensor]: ...
+    def edit_state(self) -> dict[str, torch.Tensor]: ...
 
-    def load_normaliser_state(self, state: dict[str, torch.Tensor]) -> None: ...
+    def load_edit_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class ModelHistory:
         self.fingerprint = fingerprint
         self.snapshot_every = snapshot_every
         self.retention_commits = retention_commits
-        self._editor_state: dict[str, torch.Tensor] = editor.normaliser_state() if editor else {}
+        self._editor_state: dict[str, torch.Tensor] = editor.edit_state() if editor else {}
 
     def open(self, refs: Mapping[int, CommitRef]) -> None:
         """Write the genesis (version 0) while the ledger has no commit; otherwise check it fits this model.
@@ -174,9 +175,9 @@ class ModelHistory:
         """
         self.editor = editor
         if self._editor_state:
-            editor.load_normaliser_state(dict(self._editor_state))
+            editor.load_edit_state(dict(self._editor_state))
             return
-        self._editor_state = editor.normaliser_state()
+        self._editor_state = editor.edit_state()
         genesis = self.store.read(SNAPSHOT, 0)
         if not _split(genesis.tensors, "editor/"):
             tensors = dict(genesis.tensors) | self._editor_tensors(self._editor_state)
@@ -232,7 +233,8 @@ class ModelHistory:
             raise ValueError(f"commit version {version} must be above the live version {parent}")
         staged = self.state.stage_commit(version, prepared.deltas)
         tensors = {f"delta/{m}/{part}": t for m, parts in prepared.encoded.items() for part, t in parts.items()}
-        tensors |= self._editor_tensors(prepared.editor_state)
+        # the edit memory's Grams are rebuilt on replay from each commit's keys (editing/edit_memory.py)
+        tensors |= self._editor_tensors(stored_state(prepared.editor_state))
         metadata = self._metadata(staged) | {"parent": str(parent), "codec": CODEC}
         info = self.store.write(
             COMMIT, version, tensors, metadata, on_temp_written=lambda: notify(CommitStep.ARTEFACT_TEMP_WRITTEN)
@@ -256,7 +258,7 @@ class ModelHistory:
             if editor_state is not None:
                 self._editor_state = dict(editor_state)
                 if self.editor is not None:
-                    self.editor.load_normaliser_state(dict(editor_state))
+                    self.editor.load_edit_state(dict(editor_state))
 
     def stage_version(
         self, version: int, refs: Mapping[int, CommitRef]
@@ -294,7 +296,7 @@ class ModelHistory:
                     f"{art.info.path} was written for parent {art.metadata.get('parent')} with codec "
                     f"{art.metadata.get('codec')}; the ledger says parent {ref.parent}, codec {CODEC}"
                 )
-            replay.editor_state = _split(art.tensors, "editor/") or replay.editor_state
+            replay.editor_state = replayed_state(replay.editor_state, _split(art.tensors, "editor/"))
             parts = _split(art.tensors, "delta/")
             grouped: dict[str, dict[str, torch.Tensor]] = {}
             for key, tensor in parts.items():

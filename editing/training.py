@@ -188,6 +188,7 @@ class MetaTrainer:
         base = snapshot(editor.model, editor.module_names)
         masters = master_copies(editor.model, editor.module_names)
         start = {name: t.clone() for name, t in masters.items()}
+        memory_before = editor.edit_state()
         try:
             for t, batch in enumerate(tqdm(batches, desc="meta-train", disable=not progress)):
                 began = time.perf_counter()
@@ -198,14 +199,18 @@ class MetaTrainer:
                 grads = self.meta_grads(window, references, penalty)
                 for s, record in zip(self._steps(), records, strict=True):
                     editor.hyper_backward(s, record.captures, grads)
+                # the training stream keeps its edits, so later batches are solved against them as at edit time
+                editor.set_edit_memory(editor.remembered(records))
                 self._finish_batch(records, began)
                 if opts.reset_every and (t + 1) % opts.reset_every == 0:
                     restore(editor.model, base)
                     masters = {name: x.clone() for name, x in start.items()}
+                    editor.set_edit_memory(memory_before)
             if opts.single_adam_step:
                 self.step_optimiser()
         finally:
             restore(editor.model, base)
+            editor.set_edit_memory(memory_before)
 
     def train_batch(self, batches: Sequence[_Batch], progress: bool) -> None:
         """One epoch of batch-mode training: every batch starts from W0, an update after each step (§6.7)."""

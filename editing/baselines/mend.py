@@ -29,9 +29,10 @@ DEFAULT_LR = 1e-4  # chosen on zsre_train facts for SmolLM2 (docs/evaluation.md)
 
 
 def mend_config(base: EditorConfig | None = None, *, lr: float = DEFAULT_LR) -> EditorConfig:
-    """An EditorConfig for MEND-style editing: one step, one network, statistics frozen at edit time."""
+    """An EditorConfig for MEND-style editing: one step, one network, statistics frozen at edit time, no edit
+    memory (MEND has no solve to add it to)."""
     base = base or EditorConfig()
-    return base.model_copy(update={"steps": 1, "mode": "batch", "edit_lr": lr, "freeze_normaliser": True})
+    return base.model_copy(update={"steps": 1, "mode": "batch", "edit_lr": lr, "freeze_normaliser": True, "preserve_edits": 0.0})
 
 
 class MENDEditor(EMSEditor):

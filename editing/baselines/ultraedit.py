@@ -33,9 +33,10 @@ DEFAULT_LR = 3e-4  # chosen on zsre_train facts for SmolLM2 (docs/evaluation.md)
 
 
 def ultraedit_config(base: EditorConfig | None = None, *, lr: float = DEFAULT_LR, steps: int = 1) -> EditorConfig:
-    """An EditorConfig for UltraEdit: sequential mode (a normaliser per step), never-frozen statistics."""
+    """An EditorConfig for UltraEdit: sequential mode (a normaliser per step), never-frozen statistics, no edit
+    memory (UltraEdit's fixed solve has none)."""
     base = base or EditorConfig()
-    return base.model_copy(update={"steps": steps, "mode": "sequential", "edit_lr": lr, "freeze_normaliser": False})
+    return base.model_copy(update={"steps": steps, "mode": "sequential", "edit_lr": lr, "freeze_normaliser": False, "preserve_edits": 0.0})
 
 
 class UltraEditor(EMSEditor):

@@ -16,6 +16,9 @@ training facts, or loaded from a checkpoint.
 | rledit, rledit2 | hypernetwork + ridge solve | 1, 2 | sequential (lifelong), KL locality, backtracking 10 |
 | ultraedit | training-free (`baselines/ultraedit.py`) | 1 | none |
 | emsedit1..emsedit4 | EMSEdit | S = 1..4 | sequential, paraphrase loss + L2, the reference schedule |
+| emsedit2-mem, emsedit2-mem-cov | EMSEdit + this project's edit memory (and key covariance) | 2 | as EMSEdit |
+
+Every method but the last two runs without the edit memory (`preserve_edits` 0), as its paper has it.
 
 `parse_variant` derives a named variant of a registry entry with changed settings
 (`LABEL=BASE:field=value,...`) for experiments on training facts.
@@ -87,22 +90,37 @@ _MALMEN = replace(_ALL, locality="kl", loc_coef=1.0, l2_coef=0.0)
 _RLEDIT = replace(_ALL, locality="kl", loc_coef=0.6, l2_coef=0.0, back_depth=10, back_decay=0.95)
 
 
+def _paper(**fields: Any) -> EditorConfig:
+    """An EditorConfig as the papers' methods have it: without this project's edit memory."""
+    return EditorConfig(preserve_edits=0.0, **fields)
+
+
 def _registry() -> dict[str, MethodSpec]:
     specs = [
         MethodSpec("ft", "ft", "FT-L: constrained fine-tuning of the edited modules", ft=FTConfig()),
         MethodSpec(
             "mend", "mend", "MEND-style: summed per-token ũδ̃ᵀ, no solve, KL locality",
-            editor=mend_config(), training=replace(_MALMEN, single_adam_step=False),
+            editor=mend_config(_paper()), training=replace(_MALMEN, single_adam_step=False),
         ),
-        MethodSpec("malmen", "hypernet", "MALMEN: S=1, batch mode, KL locality", EditorConfig(steps=1, mode="batch"), _MALMEN),
-        MethodSpec("malmen2", "hypernet", "MALMEN2: MALMEN with S=2", EditorConfig(steps=2, mode="batch"), _MALMEN),
-        MethodSpec("rledit", "hypernet", "RLEdit-style: S=1, lifelong training, KL, backtracking", EditorConfig(steps=1), _RLEDIT),
-        MethodSpec("rledit2", "hypernet", "RLEdit2: RLEdit with S=2", EditorConfig(steps=2), _RLEDIT),
-        MethodSpec("ultraedit", "ultraedit", "UltraEdit: training-free, lifelong normalisation", ultraedit_config()),
+        MethodSpec("malmen", "hypernet", "MALMEN: S=1, batch mode, KL locality", _paper(steps=1, mode="batch"), _MALMEN),
+        MethodSpec("malmen2", "hypernet", "MALMEN2: MALMEN with S=2", _paper(steps=2, mode="batch"), _MALMEN),
+        MethodSpec("rledit", "hypernet", "RLEdit-style: S=1, lifelong training, KL, backtracking", _paper(steps=1), _RLEDIT),
+        MethodSpec("rledit2", "hypernet", "RLEdit2: RLEdit with S=2", _paper(steps=2), _RLEDIT),
+        MethodSpec("ultraedit", "ultraedit", "UltraEdit: training-free, lifelong normalisation", ultraedit_config(_paper())),
     ]
     specs += [
-        MethodSpec(f"emsedit{s}", "hypernet", f"EMSEdit, S={s}: paraphrase loss + L2, lifelong training", EditorConfig(steps=s), _ALL)
+        MethodSpec(f"emsedit{s}", "hypernet", f"EMSEdit, S={s}: paraphrase loss + L2, lifelong training", _paper(steps=s), _ALL)
         for s in range(1, 5)
+    ]
+    specs += [
+        MethodSpec(
+            "emsedit2-mem", "hypernet", "EMSEdit, S=2, with the edit memory (preserve_edits 1): the daemon's default",
+            EditorConfig(steps=2, preserve_edits=1.0), _ALL,
+        ),
+        MethodSpec(
+            "emsedit2-mem-cov", "hypernet", "EMSEdit, S=2, edit memory and key covariance (preserve_edits 1, key_covariance 100)",
+            EditorConfig(steps=2, preserve_edits=1.0, key_covariance=100.0), _ALL,
+        ),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -193,11 +211,11 @@ class PreparedMethod:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The editor state an edit changes (normaliser statistics; empty for FT)."""
-        return self.editor.normaliser_state() if isinstance(self.editor, EMSEditor) else {}
+        return self.editor.edit_state() if isinstance(self.editor, EMSEditor) else {}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         if isinstance(self.editor, EMSEditor):
-            self.editor.load_normaliser_state(state)
+            self.editor.load_edit_state(state)
 
     def adopt(self, plan: EditPlan) -> None:
         """Make the state of an applied plan current (lifelong normalisation)."""

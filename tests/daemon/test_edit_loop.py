@@ -140,13 +140,13 @@ def test_a_restart_rebuilds_the_committed_weights_and_editor_state(world: World)
     rig.add(3)
     rig.loop.tick()
     expected = rig.loop.history.state.weights_sha256()
-    editor_state = rig.loop.gated.editor.normaliser_state() if rig.loop.gated else {}
+    editor_state = rig.loop.gated.editor.edit_state() if rig.loop.gated else {}
 
     again = make_rig(world)
     assert again.loop.history.state.version == 1
     assert again.loop.history.state.weights_sha256() == expected
     assert again.loop.gated is not None
-    restored = again.loop.gated.editor.normaliser_state()
+    restored = again.loop.gated.editor.edit_state()
     assert set(restored) == set(editor_state)
     assert all(bool((restored[k] == editor_state[k]).all()) for k in editor_state)
 

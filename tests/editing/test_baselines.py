@@ -56,10 +56,10 @@ def test_ultraedit_edits_without_training_and_leaves_the_model(
     engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
 ) -> None:
     editor = _ultra(engine_tiny_lm, bpe_tokenizer, lr=1e-1)
-    before, state = _params(editor.model), editor.normaliser_state()
+    before, state = _params(editor.model), editor.edit_state()
     plan = editor.propose(FACTS)
     assert all(torch.equal(p, before[n]) for n, p in editor.model.named_parameters()), "propose leaves the model"
-    assert all(torch.equal(v, editor.normaliser_state()[k]) for k, v in state.items()), "and the statistics"
+    assert all(torch.equal(v, editor.edit_state()[k]) for k, v in state.items()), "and the statistics"
     assert plan.editor_state and any(not torch.equal(v, state[k]) for k, v in plan.editor_state.items())
     untouched = _efficacy(editor.model, bpe_tokenizer, FACTS)
     saved = apply(editor.model, plan)

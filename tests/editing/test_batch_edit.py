@@ -169,7 +169,7 @@ def _check_unchanged(s: Setup, run: Callable[[], Any]) -> Any:
     """Run `run` and assert that model, masters, version, hash and editor statistics are as before."""
     params, masters, version = _params(s.model), s.state.masters(), s.state.version
     masters = {k: v.clone() for k, v in masters.items()}
-    digest, stats = s.state.weights_sha256(), s.editor.normaliser_state()
+    digest, stats = s.state.weights_sha256(), s.editor.edit_state()
     try:
         return run()
     finally:
@@ -177,7 +177,7 @@ def _check_unchanged(s: Setup, run: Callable[[], Any]) -> Any:
         _assert_same_tensors(s.state.masters(), masters)
         assert s.state.version == version
         assert s.state.weights_sha256() == digest
-        _assert_same_tensors(s.editor.normaliser_state(), stats)
+        _assert_same_tensors(s.editor.edit_state(), stats)
 
 
 # --- the model is left as it was -----------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_edit_leaves_the_model_bit_identical_on_top_of_a_committed_version(
     first = s.gated.edit(_facts(3))
     assert first.prepared is not None
     s.state.publish(s.state.stage_commit(1, first.prepared.deltas))
-    s.editor.load_normaliser_state(first.prepared.editor_state)
+    s.editor.load_edit_state(first.prepared.editor_state)
     facts = [GateFact(10 + int(f.key), f.example) for f in _facts()[3:]]
     _check_unchanged(s, lambda: s.gated.edit(facts))
 
@@ -289,7 +289,7 @@ def test_publishing_the_prepared_commit_gives_the_measured_weights(
         assert s.state.version == version
         assert s.state.weights_sha256() == ledger.refs[version].weights_sha256
         # the editor took the statistics of the committed plan
-        _assert_same_tensors(s.editor.normaliser_state(), result.prepared.editor_state)
+        _assert_same_tensors(s.editor.edit_state(), result.prepared.editor_state)
     # a rebuild from the artefacts gives the same bits (the canonical deltas were gated)
     staged, _, _ = history.stage_version(version, ledger.refs)
     assert staged.weights_sha256 == s.state.weights_sha256()

@@ -41,10 +41,10 @@ def test_propose_leaves_the_model_bit_identical_and_the_state_unchanged(
     model_type: str, engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
 ) -> None:
     editor = _editor(engine_tiny_lm, bpe_tokenizer, model_type)
-    before, state = _params(editor.model), editor.normaliser_state()
+    before, state = _params(editor.model), editor.edit_state()
     plan = editor.propose(FACTS)
     assert all(torch.equal(p, before[n]) for n, p in editor.model.named_parameters())
-    assert all(torch.equal(editor.normaliser_state()[k], v) for k, v in state.items())
+    assert all(torch.equal(editor.edit_state()[k], v) for k, v in state.items())
     assert not any(p.requires_grad for p in editor.model.parameters())
     assert set(plan.deltas) == set(editor.module_names)
     assert all(d.dtype == torch.float32 for d in plan.deltas.values())
@@ -129,7 +129,7 @@ def test_a_frozen_normaliser_returns_the_unchanged_state(
     engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
 ) -> None:
     editor = _editor(engine_tiny_lm, bpe_tokenizer, freeze_normaliser=True)
-    state = editor.normaliser_state()
+    state = editor.edit_state()
     plan = editor.propose(FACTS)
     assert all(torch.equal(plan.editor_state[k], v) for k, v in state.items())
 
@@ -138,12 +138,12 @@ def test_adopting_a_plan_state_and_reverting_to_a_recorded_state_is_exact(
     engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
 ) -> None:
     editor = _editor(engine_tiny_lm, bpe_tokenizer)
-    recorded = editor.normaliser_state()
+    recorded = editor.edit_state()
     plan = editor.propose(FACTS)
     editor.adopt_state(plan)
-    assert all(torch.equal(editor.normaliser_state()[k], v) for k, v in plan.editor_state.items())
-    editor.load_normaliser_state(recorded)
-    assert all(torch.equal(editor.normaliser_state()[k], v) for k, v in recorded.items())
+    assert all(torch.equal(editor.edit_state()[k], v) for k, v in plan.editor_state.items())
+    editor.load_edit_state(recorded)
+    assert all(torch.equal(editor.edit_state()[k], v) for k, v in recorded.items())
 
 
 def test_the_same_edit_is_proposed_twice_from_the_same_state(

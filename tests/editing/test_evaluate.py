@@ -280,3 +280,10 @@ def test_markdown_puts_limited_rows_of_a_full_method_in_the_data_efficiency_tabl
     text = markdown(report)
     main, efficiency = text.split("## Data efficiency")
     assert "| emsedit2 |" in main and "| ft@K16 |" in main and "| emsedit2@K16 |" in efficiency
+
+
+def test_the_papers_methods_run_without_the_edit_memory_and_only_the_projects_rows_use_it() -> None:
+    for name, spec in METHODS.items():
+        if spec.family != "ft":
+            assert (spec.editor.preserve_edits > 0) == name.startswith("emsedit2-mem"), name
+    assert METHODS["emsedit2-mem-cov"].editor.key_covariance > 0

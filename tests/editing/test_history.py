@@ -29,10 +29,10 @@ class Holder:
     def __init__(self) -> None:
         self.state = {"count": torch.tensor(0.0, dtype=torch.float64), "mean": torch.zeros(4)}
 
-    def normaliser_state(self) -> dict[str, torch.Tensor]:
+    def edit_state(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.state.items()}
 
-    def load_normaliser_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_edit_state(self, state: dict[str, torch.Tensor]) -> None:
         self.state = {k: v.clone() for k, v in state.items()}
 
 
@@ -149,7 +149,7 @@ def test_retention_prunes_old_artefacts_and_refuses_reverts_beyond_the_horizon(e
 def test_a_failed_ledger_transaction_removes_the_artefact_and_changes_nothing(engine_tiny_lm: Any, tmp_path: Path) -> None:
     _, state, history, ledger, holder = _setup(engine_tiny_lm, tmp_path)
     _commit(history, ledger, 1)
-    before = (state.weights_sha256(), holder.normaliser_state())
+    before = (state.weights_sha256(), holder.edit_state())
 
     def refuse(rec: CommitRecord) -> None:
         raise RuntimeError("the ledger assigned another version")
@@ -227,15 +227,15 @@ def test_the_real_editor_state_travels_with_commits_and_reverts(
     history = ModelHistory(state, ArtefactStore(tmp_path / "artefacts"), editor=editor)
     ledger = Ledger()
     history.open(ledger.refs)
-    initial = editor.normaliser_state()
+    initial = editor.edit_state()
     plan = editor.propose([EditExample("The capital of France is", "Rome")], masters=state.masters())
     prepared = prepare_commit(plan.deltas, plan.editor_state)
     history.commit(prepared, version=1, record=ledger.record)
-    changed = editor.normaliser_state()
+    changed = editor.edit_state()
     assert any(not torch.equal(changed[k], initial[k]) for k in initial)
     assert all(torch.equal(changed[k], plan.editor_state[k]) for k in initial)
     history.revert_to(0, ledger.refs, record=lambda: None)
-    assert all(torch.equal(editor.normaliser_state()[k], initial[k]) for k in initial)
+    assert all(torch.equal(editor.edit_state()[k], initial[k]) for k in initial)
 
 
 # --- crash safety: a real SQLite ledger, a real subprocess, SIGKILL at every step of the protocol ---------
