@@ -85,3 +85,64 @@ def margins(report: dict[str, Any], method: str, others: Sequence[str], metric: 
             continue
         out.append(Margin(method, other, metric, difference, low, high, len(mine)))
     return out
+
+
+def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The rows and per-batch sequences of several reports of one evaluation, as one report for `margins`.
+
+    The reports must agree on everything that defines the evaluation (`report.COMPARABLE`: facts, order, mode,
+    shape, seed) except possibly the model fingerprint, which also covers the configuration as the installed
+    transformers serialises it; a differing fingerprint is accepted only when the unedited model scored exactly
+    the same on every metric (the same weights on these facts). ValueError otherwise.
+    """
+    from editing.evaluation.report import COMPARABLE
+
+    first = reports[0]
+    for other in reports[1:]:
+        differing = [k for k in COMPARABLE if k != "model_fingerprint" and first.get(k) != other.get(k)]
+        if differing:
+            raise ValueError(f"the reports measured different evaluations: they differ in {', '.join(differing)}")
+        if first.get("model_fingerprint") != other.get("model_fingerprint") and first.get("unedited") != other.get("unedited"):
+            raise ValueError("the reports were made on different models: other fingerprints and other unedited scores")
+    combined: dict[str, Any] = {"rows": [], "sequences": {}}
+    for report in reports:
+        combined["rows"] += report.get("rows", [])
+        combined["sequences"] |= report.get("sequences", {})
+    return combined
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m editing.evaluation.margins REPORT.json ... --method NAME`: margins across reports of one evaluation."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m editing.evaluation.margins",
+        description="A method's margin over every other row of one or more reports of the same evaluation "
+        "(paired bootstrap over the edit batches, 95 %).",
+    )
+    parser.add_argument("reports", nargs="+", type=Path, help="<stem>.json files written by python -m editing.evaluate")
+    parser.add_argument("--method", required=True, help="the row whose margins are wanted")
+    parser.add_argument("--metric", action="append", help="metric (repeatable; default: average and clean_average)")
+    args = parser.parse_args(argv)
+    try:
+        combined = combine([json.loads(path.read_text()) for path in args.reports])
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.method not in combined["sequences"]:
+        print(f"error: no row {args.method!r} in these reports; rows: {', '.join(combined['sequences'])}", file=sys.stderr)
+        return 2
+    for metric in args.metric or ["average", "clean_average"]:
+        for m in margins(combined, args.method, list(combined["sequences"]), metric):
+            verdict = "clear" if m.clear else "within noise"
+            print(f"{m.method} - {m.other} [{metric}]: {m.difference:+.1f} [{m.low:+.1f}, {m.high:+.1f}] {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

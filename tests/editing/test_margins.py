@@ -106,3 +106,39 @@ def test_report_cli_renders_again_and_names_the_bad_file(tmp_path: Path, capsys:
     # the good report between the two bad ones was still written
     assert "## Margins" in (tmp_path / "editing_zsre.md").read_text()
     assert (tmp_path / "editing_zsre.png").stat().st_size > 1000
+
+
+def _one_row_report(method: str, values: list[float], **changes: Any) -> dict[str, Any]:
+    base = {
+        "model_fingerprint": "f1", "eval_data": "zsre:x", "eval_offset": 0, "eval_hash": "h", "data_kind": "zsre",
+        "mode": "sequential", "batch_size": 4, "batches": len(values), "seed": 0, "unedited": {"average": 20.0},
+        "rows": [{"method": method}], "sequences": {method: {"per_batch": [{"average": v} for v in values]}},
+    }
+    return base | changes
+
+
+def test_margins_across_reports_of_one_evaluation_and_refusals_for_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from editing.evaluation.margins import main as margins_main
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_one_row_report("paper", [50.0, 52.0, 48.0, 51.0])))
+    # another transformers serialises the configuration differently: same weights, same unedited scores
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(_one_row_report("ours", [60.0, 63.0, 58.0, 62.0], model_fingerprint="f2")))
+    assert margins_main([str(old), str(new), "--method", "ours", "--metric", "average"]) == 0
+    out = capsys.readouterr().out
+    assert "ours - paper [average]: +10.5" in out and "clear" in out
+
+    other_facts = tmp_path / "other.json"
+    other_facts.write_text(json.dumps(_one_row_report("ours", [60.0] * 4, eval_hash="other")))
+    assert margins_main([str(old), str(other_facts), "--method", "ours"]) == 2
+    assert "differ in eval_hash" in capsys.readouterr().err
+    other_model = tmp_path / "model.json"
+    other_model.write_text(json.dumps(_one_row_report("ours", [60.0] * 4, model_fingerprint="f3", unedited={"average": 21.0})))
+    assert margins_main([str(old), str(other_model), "--method", "ours"]) == 2
+    assert "different models" in capsys.readouterr().err
+    assert margins_main([str(old), "--method", "missing"]) == 2
+    assert "no row 'missing'" in capsys.readouterr().err
+    assert margins_main([str(tmp_path / "absent.json"), "--method", "ours"]) == 2
