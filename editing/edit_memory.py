@@ -25,6 +25,7 @@ Gram, the one that is stored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -62,12 +63,11 @@ def quantise_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if keys.shape[0] > MAX_ROWS:
         raise ValueError(f"{keys.shape[0]} key rows in one edit; the exact Gram allows at most {MAX_ROWS}")
     peak = float(keys.detach().abs().max()) if keys.numel() else 0.0
-    if peak == 0.0 or not torch.isfinite(torch.tensor(peak)):
-        if peak != 0.0:
-            raise ValueError("the captured keys are not finite")
+    if not math.isfinite(peak):
+        raise ValueError("the captured keys are not finite")
+    if peak == 0.0:
         return torch.zeros(keys.shape, dtype=torch.int16), torch.tensor(0, dtype=torch.int64)
-    # the smallest e with peak / 2^e ≤ INT16_MAX
-    exponent = int(torch.ceil(torch.log2(torch.tensor(peak / INT16_MAX, dtype=torch.float64))))
+    exponent = math.ceil(math.log2(peak / INT16_MAX))  # the smallest e with peak / 2^e ≤ INT16_MAX
     scaled = keys.detach().double().cpu() * 2.0 ** (-exponent)
     quantised = scaled.round().clamp(-INT16_MAX, INT16_MAX).to(torch.int16)
     return quantised, torch.tensor(exponent, dtype=torch.int64)
