@@ -14,10 +14,14 @@ interval is not shown to be real; a lead outside it is a lead on these facts for
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -95,7 +99,7 @@ def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     transformers serialises it; a differing fingerprint is accepted only when the unedited model scored exactly
     the same on every metric (the same weights on these facts). ValueError otherwise.
     """
-    from editing.evaluation.report import COMPARABLE
+    from editing.evaluation.report import COMPARABLE  # here: report imports this module
 
     first = reports[0]
     for other in reports[1:]:
@@ -113,11 +117,6 @@ def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m editing.evaluation.margins REPORT.json ... --method NAME`: margins across reports of one evaluation."""
-    import argparse
-    import json
-    import sys
-    from pathlib import Path
-
     parser = argparse.ArgumentParser(
         prog="python -m editing.evaluation.margins",
         description="A method's margin over every other row of one or more reports of the same evaluation "
@@ -143,6 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())
