@@ -160,7 +160,10 @@ def setup(args: argparse.Namespace) -> Env:
     loaded = load_model(ModelConfig(device="cpu"), cache_dir=CACHE / "models")
     checkpoint = load_checkpoint(args.editor)
     options = dict(_option(item) for item in args.editor_option)
-    editor = build_editor(loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, EditorConfig(**options))
+    editor = build_editor(
+        loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, EditorConfig(**options),
+        earlier_fingerprints=loaded.earlier_fingerprints,
+    )
     names = editor.module_names
     state = WeightState(loaded.model, names)
     base = FrozenBase.capture(loaded.model, loaded.fingerprint, [f"{name}.weight" for name in names])

@@ -31,16 +31,10 @@ DATA = Path(__file__).parents[1].parent / "shared" / "data" / "zsre" / "zsre_tra
 
 def parse_point(text: str) -> tuple[str, dict[str, Any]]:
     """`LABEL:field=value,...` with EditorConfig fields -> (label, changes)."""
-    from editing.evaluation.methods import _parse_value
+    from editing.evaluation.methods import parse_assignments
 
     label, _, rest = text.partition(":")
-    changes = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"point {text!r}: {item!r} is not field=value")
-        changes[key.strip()] = _parse_value(value)
-    return label.strip(), changes
+    return label.strip(), parse_assignments(rest, f"point {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

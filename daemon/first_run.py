@@ -55,7 +55,8 @@ def load_editor(settings: Settings, loaded: LoadedModel, module_names: list[str]
     """The editor of the configured checkpoint, bound to the live model. Raises ModelMismatch/CheckpointError."""
     checkpoint = load_checkpoint(settings.editor_checkpoint())
     return build_editor(
-        loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, settings.editor, module_names
+        loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, settings.editor, module_names,
+        earlier_fingerprints=loaded.earlier_fingerprints,
     )
 
 

@@ -71,6 +71,7 @@ def make_history(settings: Settings, loaded: LoadedModel, editor: EditorStateHol
         artefact_store(settings),
         editor=editor,
         fingerprint=loaded.fingerprint,
+        earlier_fingerprints=loaded.earlier_fingerprints,
         snapshot_every=settings.store.snapshot_every,
         retention_commits=settings.store.retention_commits,
     )

@@ -10,6 +10,7 @@ another model or module set with a `ModelMismatch` that says what differs and wh
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -123,9 +124,17 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     return Checkpoint(info, tensors)
 
 
-def check_compatible(info: CheckpointInfo, fingerprint: str, modules: dict[str, tuple[int, int]] | None) -> None:
-    """ModelMismatch unless the checkpoint was made for this exact model (and module set, when given)."""
-    if info.model_fingerprint != fingerprint:
+def check_compatible(
+    info: CheckpointInfo,
+    fingerprint: str,
+    modules: dict[str, tuple[int, int]] | None,
+    earlier_fingerprints: Sequence[str] = (),
+) -> None:
+    """ModelMismatch unless the checkpoint was made for this exact model (and module set, when given).
+
+    `earlier_fingerprints`: what earlier versions of this code called the same model (`LoadedModel`).
+    """
+    if info.model_fingerprint != fingerprint and info.model_fingerprint not in earlier_fingerprints:
         raise ModelMismatch(
             f"the editor checkpoint was trained for another model (fingerprint {info.model_fingerprint[:12]}…, "
             f"this model is {fingerprint[:12]}…, type {info.model_type}); train an editor for this model with "
@@ -148,6 +157,7 @@ def build_editor(
     checkpoint: Checkpoint,
     config: EditorConfig,
     module_names: list[str] | None = None,
+    earlier_fingerprints: Sequence[str] = (),
 ) -> EMSEditor:
     """An editor for `model` with the checkpoint's networks; ModelMismatch for another model or module set.
 
@@ -157,7 +167,7 @@ def build_editor(
     """
     info = checkpoint.info
     names = list(info.modules)
-    check_compatible(info, fingerprint, None)
+    check_compatible(info, fingerprint, None, earlier_fingerprints)
     if module_names is not None and set(module_names) != set(names):
         missing, extra = sorted(set(names) - set(module_names)), sorted(set(module_names) - set(names))
         raise ModelMismatch(
@@ -165,7 +175,7 @@ def build_editor(
             f"only configured: {extra or 'none'}); set [model] edit_modules to the checkpoint's modules or retrain"
         )
     editor = EMSEditor(model, tokenizer, names, _runtime_config(info, config))
-    check_compatible(info, fingerprint, module_shapes(editor.modules))
+    check_compatible(info, fingerprint, module_shapes(editor.modules), earlier_fingerprints)
     try:
         load_tensors(editor, checkpoint.tensors)
     except (RuntimeError, ValueError) as exc:

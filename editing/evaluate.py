@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(ModelConfig(source=args.model, device=args.device), cache_dir=args.model_cache)
         names = args.modules.split(",") if args.modules else default_edit_modules(loaded.model_type, loaded.num_layers)
-        handle = ModelHandle(loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.model_type)
+        handle = ModelHandle(
+            loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.model_type, loaded.earlier_fingerprints
+        )
         report = run_evaluation(
             plan, handle, names, model_name=_model_name(args.model), progress=not args.no_progress, on_row=save
         )

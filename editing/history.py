@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -141,6 +141,7 @@ class ModelHistory:
         *,
         editor: EditorStateHolder | None = None,
         fingerprint: str | None = None,
+        earlier_fingerprints: Sequence[str] = (),
         snapshot_every: int = 25,
         retention_commits: int | None = 200,
     ) -> None:
@@ -148,6 +149,8 @@ class ModelHistory:
         self.store = store
         self.editor = editor
         self.fingerprint = fingerprint
+        # what earlier versions of this code called the same model: their state directories stay usable
+        self.earlier_fingerprints = tuple(earlier_fingerprints)
         self.snapshot_every = snapshot_every
         self.retention_commits = retention_commits
         self._editor_state: dict[str, torch.Tensor] = editor.edit_state() if editor else {}
@@ -193,7 +196,8 @@ class ModelHistory:
                 f"the state directory's edits were made on modules {meta['modules']}, not {self.state.module_names}; "
                 "use the same [model] edit_modules, or another state directory"
             )
-        if self.fingerprint and meta.get("fingerprint") and meta["fingerprint"] != self.fingerprint:
+        stored = meta.get("fingerprint")
+        if self.fingerprint and stored and stored != self.fingerprint and stored not in self.earlier_fingerprints:
             raise ModelMismatch(
                 "the state directory's edits were made on another base model (fingerprint "
                 f"{meta['fingerprint'][:16]}…, loaded {self.fingerprint[:16]}…); load that model or use another state directory"

@@ -40,6 +40,8 @@ class LoadedModel:
     source: str
     gguf_file: str | None
     fingerprint: str
+    #: what earlier versions of this code called the same model (accepted where a stored fingerprint is checked)
+    earlier_fingerprints: tuple[str, ...] = ()
 
     @property
     def model_type(self) -> str:
@@ -188,28 +190,46 @@ def load_model(config: ModelConfig, *, cache_dir: Path | None = None) -> LoadedM
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, config.source, gguf_file, model_fingerprint(model))
+    fingerprint, legacy = model_fingerprints(model)
+    return LoadedModel(model, tokenizer, config.source, gguf_file, fingerprint, (legacy,))
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A sha256 over the model's configuration and every parameter's name, shape, dtype and bytes.
+    """A sha256 over the model type and every parameter's name, shape, dtype and bytes.
 
-    It identifies the exact base weights that edits and checkpoints were made for. Buffers are left
-    out (rotary caches and the like are derived from the configuration), and so is how the weights
-    were loaded: `quantization_config` says a GGUF file was de-quantised on this load and is absent
-    when the same floats come back from the cache, so it would give one model two fingerprints (the
-    parameters' dtypes and bytes identify quantised weights anyway).
+    It identifies the exact base weights that edits and checkpoints were made for, and stays the same
+    when another transformers release loads the same files. The configuration is not hashed: releases
+    serialise it differently (new keys, renamed ones) for the same model, and a fingerprint that moved
+    with them made a state directory and a trained editor look like another model's after a library
+    upgrade. What the configuration decides about the weights (architecture, sizes) shows in the
+    parameters' names and shapes. Buffers are left out (rotary caches and the like are derived), and
+    so is how the weights were loaded (the parameters' dtypes and bytes identify quantised weights).
     """
-    digest = hashlib.sha256()
+    return model_fingerprints(model)[0]
+
+
+def model_fingerprints(model: nn.Module) -> tuple[str, str]:
+    """(`model_fingerprint`, the fingerprint of this project up to 0.1.0), in one pass over the weights.
+
+    The earlier fingerprint also hashed the configuration as this transformers serialises it; it is accepted
+    where a state directory or checkpoint made by an earlier version is checked, so that upgrading this code
+    does not orphan them (as long as transformers stays the same).
+    """
     config = getattr(model, "config", None)
+    current = hashlib.sha256(b"lifelong-edit-daemon weights v2\0")
+    current.update(str(getattr(config, "model_type", "")).encode() + b"\0")
+    legacy = hashlib.sha256()
     if config is not None:
         skip = {"dtype", "torch_dtype", "quantization_config"}
         as_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in skip}
-        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+        legacy.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        header = f"{name}:{tuple(param.shape)}:{param.dtype}".encode()
         tensor = param.detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.view(torch.int16)
-        digest.update(tensor.cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        data = tensor.cpu().contiguous().numpy().tobytes()
+        for digest in (current, legacy):
+            digest.update(header)
+            digest.update(data)
+    return current.hexdigest(), legacy.hexdigest()

@@ -94,20 +94,12 @@ def margins(report: dict[str, Any], method: str, others: Sequence[str], metric: 
 def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The rows and per-batch sequences of several reports of one evaluation, as one report for `margins`.
 
-    The reports must agree on everything that defines the evaluation (`report.COMPARABLE`: facts, order, mode,
-    shape, seed) except possibly the model fingerprint, which also covers the configuration as the installed
-    transformers serialises it; a differing fingerprint is accepted only when the unedited model scored exactly
-    the same on every metric (the same weights on these facts). ValueError otherwise.
+    The reports must measure one evaluation (`report.check_comparable`); ValueError otherwise.
     """
-    from editing.evaluation.report import COMPARABLE  # here: report imports this module
+    from editing.evaluation.report import check_comparable  # here: report imports this module
 
-    first = reports[0]
     for other in reports[1:]:
-        differing = [k for k in COMPARABLE if k != "model_fingerprint" and first.get(k) != other.get(k)]
-        if differing:
-            raise ValueError(f"the reports measured different evaluations: they differ in {', '.join(differing)}")
-        if first.get("model_fingerprint") != other.get("model_fingerprint") and first.get("unedited") != other.get("unedited"):
-            raise ValueError("the reports were made on different models: other fingerprints and other unedited scores")
+        check_comparable(reports[0], other)
     combined: dict[str, Any] = {"rows": [], "sequences": {}}
     for report in reports:
         combined["rows"] += report.get("rows", [])

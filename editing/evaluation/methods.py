@@ -176,19 +176,27 @@ def with_settings(spec: MethodSpec, name: str, changes: dict[str, Any]) -> Metho
     )
 
 
+def parse_assignments(assignments: str, where: str) -> dict[str, Any]:
+    """`field=value,field=value` -> {field: value} (booleans, none, ints and floats parsed; else strings).
+
+    ValueError naming `where` (the whole argument) and the item that is not field=value.
+    """
+    changes: dict[str, Any] = {}
+    for item in filter(str.strip, assignments.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{where}: {item!r} is not field=value")
+        changes[key.strip()] = _parse_value(value)
+    return changes
+
+
 def parse_variant(text: str) -> MethodSpec:
     """`LABEL=BASE:field=value,field=value` -> a MethodSpec named LABEL; ValueError with the expected form."""
     label, sep, rest = text.partition("=")
-    base, colon, assignments = rest.partition(":")
+    base, _, assignments = rest.partition(":")
     if not sep or not label.strip() or not base.strip():
         raise ValueError(f"variant {text!r} is not LABEL=BASE:field=value,...")
-    changes: dict[str, Any] = {}
-    for item in assignments.split(",") if colon and assignments.strip() else []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"variant {text!r}: {item!r} is not field=value")
-        changes[key.strip()] = _parse_value(value)
-    return with_settings(get_method(base), label.strip(), changes)
+    return with_settings(get_method(base), label.strip(), parse_assignments(assignments, f"variant {text!r}"))
 
 
 class Proposer(Protocol):
@@ -231,6 +239,7 @@ class ModelHandle:
     tokenizer: Any
     fingerprint: str
     model_type: str
+    earlier_fingerprints: tuple[str, ...] = ()
 
 
 def _editor(spec: MethodSpec, handle: ModelHandle, names: list[str], config: EditorConfig) -> EMSEditor:
@@ -245,9 +254,9 @@ def _training_key(spec: MethodSpec, train_hash: str, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _load(editor: EMSEditor, directory: Path, fingerprint: str) -> dict[str, Any]:
+def _load(editor: EMSEditor, directory: Path, handle: ModelHandle) -> dict[str, Any]:
     checkpoint = load_checkpoint(directory)
-    check_compatible(checkpoint.info, fingerprint, module_shapes(editor.modules))
+    check_compatible(checkpoint.info, handle.fingerprint, module_shapes(editor.modules), handle.earlier_fingerprints)
     try:
         load_tensors(editor, checkpoint.tensors)
     except (RuntimeError, ValueError) as exc:
@@ -285,7 +294,7 @@ def prepare(
     if checkpoint is not None:
         config = _checkpoint_config(spec, checkpoint, seed)
         editor = _editor(spec, handle, module_names, config)
-        training = _load(editor, checkpoint, handle.fingerprint)
+        training = _load(editor, checkpoint, handle)
         facts = int(training.get("n_examples", 0))
         return PreparedMethod(
             spec, editor, module_names, facts, float(training.get("train_seconds", 0.0)),
@@ -300,7 +309,7 @@ def prepare(
     train_hash = examples_hash(train_examples)
     target = editors_dir / f"{spec.name}-{_training_key(spec, train_hash, seed)}" if editors_dir else None
     if target is not None and target.is_dir():
-        training = _load(editor, target, handle.fingerprint)
+        training = _load(editor, target, handle)
         logger.info("%s: reusing the trained editor in %s", spec.name, target)
         return PreparedMethod(
             spec, editor, module_names, int(training["n_examples"]), float(training["train_seconds"]),

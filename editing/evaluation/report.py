@@ -8,6 +8,8 @@ model and, when measured, the curve over the edit sequence. Metrics are percenta
 
 `merge` adds the rows of a new run to an existing report of the same evaluation (same model, facts, order,
 mode and batch shape), replacing rows of the same name, so that one table can be built from several runs.
+`python -m editing.evaluation.report --into TARGET.json REPORT.json ...` does the same with reports already
+written, and writes the target's Markdown and plot again.
 """
 
 from __future__ import annotations
@@ -77,22 +79,62 @@ def make_sequence(result: StreamResult) -> dict[str, Any]:
     }
 
 
+def fingerprints(report: dict[str, Any]) -> list[str]:
+    """Every model fingerprint a report's rows were measured under (more than one after a cross-version merge)."""
+    return list(dict.fromkeys([*report.get("model_fingerprints", []), report["model_fingerprint"]]))
+
+
+def check_comparable(first: dict[str, Any], other: dict[str, Any]) -> None:
+    """ValueError unless two reports measured the same evaluation, so that their rows belong in one table.
+
+    They must agree on every key of `COMPARABLE` (facts, order, mode, shape, seed) except possibly the model
+    fingerprint. Reports written before editor 0.2 carry a fingerprint that also covered the model's
+    configuration as the installed transformers serialised it, which changes between transformers releases
+    for the same weights, and 0.2's weights-only fingerprint differs from both; a differing fingerprint is
+    therefore accepted when the unedited model scored exactly the same on every metric
+    of these facts (all scores are computed from the weights' outputs, so other weights would not agree to the
+    last digit on hundreds of prompts).
+    """
+    differing = [key for key in COMPARABLE if key != "model_fingerprint" and first.get(key) != other.get(key)]
+    if differing:
+        raise ValueError(f"the reports measured different evaluations: they differ in {', '.join(differing)}")
+    if first.get("model_fingerprint") != other.get("model_fingerprint") and (
+        not first.get("unedited") or first.get("unedited") != other.get("unedited")
+    ):
+        raise ValueError(
+            "the reports were made on different models: other fingerprints "
+            f"({str(first.get('model_fingerprint'))[:12]}, {str(other.get('model_fingerprint'))[:12]}) "
+            "and other unedited scores"
+        )
+
+
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`old` with `new`'s rows added (same-named rows replaced) and its commands appended.
 
-    ValueError when the two runs measured different things (see `COMPARABLE`).
+    ValueError when the two runs measured different things (see `check_comparable`). The merged report keeps
+    the newer run's settings; `model_fingerprints` lists every fingerprint its rows were measured under, and
+    the margins' `reference` row is the newer report's when it names one, else the older's.
     """
-    differing = [key for key in COMPARABLE if old.get(key) != new.get(key)]
-    if differing:
+    try:
+        check_comparable(old, new)
+    except ValueError as exc:
         raise ValueError(
-            f"cannot merge into the existing report: it differs in {', '.join(differing)}; "
-            "write to another --output directory or --stem, or drop --merge"
-        )
+            f"cannot merge into the existing report: {exc}; write to another --output directory or --stem, "
+            "or drop --merge"
+        ) from exc
     labels = {row["method"] for row in new["rows"]}
     merged = dict(new)
+    merged["model_fingerprints"] = list(dict.fromkeys([*fingerprints(old), *fingerprints(new)]))
+    if len(merged["model_fingerprints"]) == 1:
+        del merged["model_fingerprints"]
+    if old.get("device") and new.get("device"):
+        # per-run devices are in `runs`; the header names every one the rows were measured on
+        merged["device"] = "; ".join(dict.fromkeys([*str(old["device"]).split("; "), str(new["device"])]))
+    if new.get("reference") or old.get("reference"):
+        merged["reference"] = new.get("reference") or old.get("reference")
     merged["rows"] = [row for row in old["rows"] if row["method"] not in labels] + new["rows"]
-    merged["sequences"] = {k: v for k, v in old.get("sequences", {}).items() if k not in labels} | new["sequences"]
-    merged["commands"] = old.get("commands", []) + [c for c in new["commands"] if c not in old.get("commands", [])]
+    merged["sequences"] = {k: v for k, v in old.get("sequences", {}).items() if k not in labels} | new.get("sequences", {})
+    merged["commands"] = old.get("commands", []) + [c for c in new.get("commands", []) if c not in old.get("commands", [])]
     merged["runs"] = old.get("runs", []) + new.get("runs", [])
     merged["train_data"] = train_data_of(merged["rows"])
     return merged
@@ -129,12 +171,14 @@ def _signed(value: float) -> str:
 
 
 def _margin_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """The margins section: EMSEdit (S = 2), or else the best paper average, against every other row."""
+    """The margins section: the report's `reference` row, or else EMSEdit (S = 2), or else the best paper
+    average, against every other row."""
     labels = [r["method"] for r in rows]
     if len(labels) < 2:
         return []
     best = max(rows, key=lambda r: -math.inf if r.get("average") is None else r["average"])["method"]
-    reference = "emsedit2" if "emsedit2" in labels else best
+    candidates = [str(m) for m in (report.get("reference"), "emsedit2") if m in labels]
+    reference = candidates[0] if candidates else str(best)
     by_metric = {metric: {m.other: m for m in margins(report, reference, labels, metric)} for metric in ("average", "clean_average")}
     others = [label for label in labels if label in by_metric["average"]]
     if not others:
@@ -170,6 +214,16 @@ def _train_text(train_data: str | list[str] | None) -> str:
     return ", ".join(f"`{spec}`" for spec in ([train_data] if isinstance(train_data, str) else train_data))
 
 
+def _fingerprint_text(report: dict[str, Any]) -> str:
+    prints = fingerprints(report)
+    if len(prints) == 1:
+        return f"fingerprint {prints[0][:12]}"
+    return (
+        f"fingerprints {', '.join(p[:12] for p in prints)}: the same weights fingerprinted under other "
+        "transformers releases or fingerprint versions; the unedited scores agree exactly"
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: settings, commands, the main table and the data-efficiency table."""
     columns = _COLUMNS_CF if report["data_kind"] == "counterfact" else _COLUMNS_ZSRE
@@ -183,7 +237,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Editing evaluation: {report['data_kind']}",
         "",
-        f"Model `{report['model']}` (fingerprint {report['model_fingerprint'][:12]}), device {report['device']}. "
+        f"Model `{report['model']}` ({_fingerprint_text(report)}), device {report['device']}. "
         f"Evaluation facts: {report['batches']} batches of {report['batch_size']} from `{report['eval_data']}` "
         + (f"after its first {report['eval_offset']} facts " if report.get("eval_offset") else "")
         + f"(seed {report['seed']}), {report['mode']} editing; "
@@ -225,15 +279,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
     sequences = report.get("sequences", {})
     with_curve = any(sequences.get(label, {}).get("curve") for label in labels)
     n_rows = 2 if with_curve else 1
-    fig, axes = plt.subplots(n_rows, len(metrics), figsize=(4.2 * len(metrics), 3.6 * n_rows), squeeze=False)
-    for label in labels:
+    fig, axes = plt.subplots(n_rows, len(metrics), figsize=(4.2 * len(metrics) + 2.2, 3.6 * n_rows), squeeze=False)
+    # One colour per method in every panel (tab20 has enough for the full comparison), and the reference row
+    # drawn thick: with a dozen methods the eye otherwise cannot follow one line from panel to panel.
+    tab20 = plt.get_cmap("tab20")
+    palette = [tab20(i) for i in range(20)]
+    reference = report.get("reference")
+    for index, label in enumerate(labels):
         seq = sequences.get(label, {})
+        style = {"label": label, "color": palette[index % len(palette)]}
+        if label == reference:
+            style.update(linewidth=2.6, zorder=5, color="black")
         for j, metric in enumerate(metrics):
             values = [m.get(metric) for m in seq.get("per_batch", [])]
-            axes[0][j].plot(range(1, len(values) + 1), [math.nan if v is None else v for v in values], label=label)
+            axes[0][j].plot(range(1, len(values) + 1), [math.nan if v is None else v for v in values], **style)
             if with_curve and seq.get("curve"):
                 xs = [c["batches"] for c in seq["curve"]]
-                axes[1][j].plot(xs, [math.nan if c.get(metric) is None else c[metric] for c in seq["curve"]], label=label)
+                ys = [math.nan if c.get(metric) is None else c[metric] for c in seq["curve"]]
+                axes[1][j].plot(xs, ys, marker="o", markersize=3, **style)
     for j, metric in enumerate(metrics):
         axes[0][j].set_title(f"{metric}, final model, by batch")
         axes[0][j].set_xlabel("position of the batch in the edit sequence")
@@ -242,9 +305,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
             axes[1][j].set_xlabel("batches edited")
     axes[0][0].set_ylabel("%")
     if labels:
-        axes[0][-1].legend(fontsize=7, loc="best")
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, fontsize=8, loc="center right")
     fig.suptitle(f"{report['data_kind']}: {report['batches']}×{report['batch_size']} {report['mode']} edits, {report['model']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0 - 2.0 / (4.2 * len(metrics) + 2.2), 1.0))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -265,14 +329,60 @@ def write(report: dict[str, Any], directory: Path, stem: str) -> list[Path]:
     return paths
 
 
+def combine_into(target: Path, sources: Sequence[Path], reference: str | None, command: str) -> list[Path]:
+    """Merge the rows of `sources` (in order) into the report `target`, record `command`, and write it again.
+
+    ValueError (naming the file) when a source measured another evaluation; OSError when a file is missing.
+    Nothing is written unless every source merges.
+    """
+    report = _read(target)
+    for source in sources:
+        try:
+            report = merge(report, _read(source))
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+    if reference is not None:
+        if reference not in {row["method"] for row in report["rows"]}:
+            raise ValueError(f"--reference {reference!r} is not a row of the merged report")
+        report["reference"] = reference
+    if command not in report.get("commands", []):
+        report["commands"] = [*report.get("commands", []), command]
+    return write(report, target.parent, target.stem)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list) or "model_fingerprint" not in report:
+        raise ValueError(f"{path}: not an evaluation report (no rows or no model_fingerprint)")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m editing.evaluation.report REPORT.json ...`: render each report's Markdown and plot again."""
+    """`python -m editing.evaluation.report REPORT.json ...`: render each report's Markdown and plot again;
+    with `--into TARGET.json`, merge the reports' rows into TARGET first (one table from several runs)."""
     parser = argparse.ArgumentParser(
         prog="python -m editing.evaluation.report",
-        description="Write the Markdown and the plot of evaluation reports again from their JSON.",
+        description="Write the Markdown and the plot of evaluation reports again from their JSON, or merge "
+        "reports of one evaluation into one.",
     )
     parser.add_argument("reports", nargs="+", type=Path, help="<stem>.json files written by python -m editing.evaluate")
+    parser.add_argument("--into", type=Path, default=None, help="merge the reports' rows into this report")
+    parser.add_argument("--reference", default=None, help="the row whose margins over the others the Markdown shows")
     args = parser.parse_args(argv)
+    if args.into is not None or args.reference is not None:
+        target = args.into if args.into is not None else args.reports[0]
+        sources = args.reports if args.into is not None else args.reports[1:]
+        command = "python -m editing.evaluation.report " + " ".join(sys.argv[1:] if argv is None else argv)
+        try:
+            written = combine_into(target, sources, args.reference, command)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(" ".join(str(p) for p in written))
+        return 0
     status = 0
     for path in args.reports:
         try:

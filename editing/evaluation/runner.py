@@ -10,17 +10,20 @@ stopped keeps the rows it finished.
 from __future__ import annotations
 
 import os
+import platform
 import random
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from editing.checkpoint import code_version
 from editing.data import EditExample, examples_hash, load_examples
 from editing.errors import DataFormatError
 from editing.evaluation.harness import Mode, measure_baseline, run_stream
@@ -157,4 +160,16 @@ def _run_info(report: dict[str, Any], started: datetime, wall: float, cpu: float
         "device": report["device"],
         "commands": report["commands"],
         "methods": [r["method"] for r in report["rows"]],
+        "versions": _versions(),
     }
+
+
+def _versions() -> dict[str, str]:
+    """The libraries whose releases change the numbers (or the fingerprint, in transformers' case)."""
+    versions = {"python": platform.python_version(), "editor": code_version()}
+    for package in ("torch", "transformers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions

@@ -69,6 +69,14 @@ def test_another_model_or_module_set_is_refused_with_a_clear_message(
     other, _ = engine_tiny_lm("llama", seed=1)
     with pytest.raises(ModelMismatch, match=r"trained for another model.*python -m editing\.train"):
         build_editor(other, bpe_tokenizer, model_fingerprint(other), checkpoint, EditorConfig())
+    with pytest.raises(ModelMismatch, match="trained for another model"):  # an earlier name of another model
+        build_editor(other, bpe_tokenizer, "new", checkpoint, EditorConfig(), earlier_fingerprints=("older",))
+    # an editor trained under an earlier version of this code, which fingerprinted the same model otherwise
+    upgraded = build_editor(
+        editor.model, bpe_tokenizer, "new", checkpoint, EditorConfig(),
+        earlier_fingerprints=(model_fingerprint(editor.model),),
+    )
+    assert upgraded.module_names == editor.module_names
     with pytest.raises(ModelMismatch, match="other modules than configured"):
         build_editor(
             editor.model, bpe_tokenizer, model_fingerprint(editor.model), checkpoint, EditorConfig(),

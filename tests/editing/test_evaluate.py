@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,7 @@ def test_cli_writes_json_markdown_and_plot_and_respects_train_limit(
     merged = json.loads((out / "editing_zsre.json").read_text())
     assert [r["method"] for r in merged["rows"]] == ["ultraedit", "emsedit2@K16"]
     assert merged["rows"][1]["editor"].startswith("reused") and len(merged["runs"]) == 2
+    assert merged["runs"][0]["versions"]["transformers"] == metadata.version("transformers")
 
 
 def test_cli_loads_a_checkpoint(tmp_path: Path, tiny_model_dir: tuple[Path, list[str]]) -> None:
@@ -231,6 +233,10 @@ def test_variants_change_only_the_named_settings() -> None:
         parse_variant("bad=ultraedit:meta_lr=1")
     with pytest.raises(ValueError, match="unknown method"):
         get_method("rome")
+    with pytest.raises(ValueError, match=r"variant 'm=emsedit2:steps=3,preserve_edits': 'preserve_edits' is not field=value"):
+        parse_variant("m=emsedit2:steps=3,preserve_edits")
+    with pytest.raises(ValueError, match="is not LABEL=BASE"):
+        parse_variant("emsedit2")
 
 
 def test_merge_refuses_a_different_evaluation() -> None:

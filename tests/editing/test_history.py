@@ -212,6 +212,11 @@ def test_open_refuses_a_state_directory_made_for_another_model(engine_tiny_lm: A
     renamed = ModelHistory(WeightState(model, NAMES), ArtefactStore(tmp_path / "artefacts"), fingerprint="other")
     with pytest.raises(ModelMismatch, match="another base model"):
         renamed.open(ledger.refs)
+    # a state directory made by an earlier version of this code, which fingerprinted the same model otherwise
+    upgraded = ModelHistory(
+        WeightState(model, NAMES), ArtefactStore(tmp_path / "artefacts"), fingerprint="new", earlier_fingerprints=("base",)
+    )
+    upgraded.open(ledger.refs)
 
 
 def test_the_real_editor_state_travels_with_commits_and_reverts(

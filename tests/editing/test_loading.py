@@ -10,7 +10,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from editing.config import ModelConfig
 from editing.errors import ModelLoadError
-from editing.loading import LoadedModel, default_gguf_path, load_model, model_fingerprint, resolve_device
+from editing.loading import (
+    LoadedModel,
+    default_gguf_path,
+    load_model,
+    model_fingerprint,
+    model_fingerprints,
+    resolve_device,
+)
 from editing.targets import default_edit_modules, resolve_modules
 
 
@@ -91,6 +98,21 @@ def test_fingerprint_ignores_how_the_weights_were_loaded() -> None:
     assert model_fingerprint(model) == before
 
 
+def test_fingerprint_survives_another_configuration_serialisation() -> None:
+    """Another transformers release serialises the same model's configuration with other keys; the fingerprint
+    must not move, or a state directory and a trained editor look like another model's after an upgrade."""
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    before, earlier = model_fingerprints(model)
+    assert before == model_fingerprint(model) and earlier != before
+    model.config.a_key_a_later_release_adds = {"rope_type": "default"}
+    after, earlier_after = model_fingerprints(model)
+    assert after == before
+    assert earlier_after != earlier  # what the earlier versions of this code hashed moved with it
+
+
 @pytest.mark.real_model
 def test_the_default_model_has_one_fingerprint_loaded_from_gguf_or_from_the_cache(
     default_model: LoadedModel,
@@ -98,6 +120,7 @@ def test_the_default_model_has_one_fingerprint_loaded_from_gguf_or_from_the_cach
     """`python -m editing.train` and the daemon must agree, or a trained editor is refused as another model's."""
     direct = load_model(ModelConfig(device="cpu"))  # de-quantised from the GGUF file on this load
     assert direct.fingerprint == default_model.fingerprint  # the fixture loads from the de-quantised cache
+    assert direct.earlier_fingerprints == default_model.earlier_fingerprints
 
 
 @pytest.mark.real_model

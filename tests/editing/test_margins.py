@@ -142,3 +142,47 @@ def test_margins_across_reports_of_one_evaluation_and_refusals_for_others(
     assert margins_main([str(old), "--method", "missing"]) == 2
     assert "no row 'missing'" in capsys.readouterr().err
     assert margins_main([str(tmp_path / "absent.json"), "--method", "ours"]) == 2
+
+
+def test_report_cli_merges_reports_of_one_evaluation_into_one_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = _report({"emsedit2": [50.0, 60.0, 55.0], "ft": [40.0, 45.0, 47.0]}) | {"unedited": {"average": 20.0}}
+    target = tmp_path / "editing_zsre.json"
+    target.write_text(json.dumps(full | {"commands": ["first run"]}))
+    # a later run under another transformers: another fingerprint, the same unedited scores
+    later = _report({"ours": [70.0, 72.0, 69.0]}) | {"unedited": {"average": 20.0}, "model_fingerprint": "e" * 16}
+    later_path = tmp_path / "later.json"
+    later_path.write_text(json.dumps(later | {"commands": ["second run"]}))
+    before = target.read_text()
+
+    other = _report({"x": [1.0, 2.0, 3.0]}) | {"unedited": {"average": 20.0}, "eval_hash": "other facts"}
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    assert report_main(["--into", str(target), str(later_path), str(other_path), "--reference", "ours"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other_path}:" in err and "eval_hash" in err
+    assert target.read_text() == before  # nothing written when one source does not merge
+
+    assert report_main(["--into", str(target), str(later_path), "--reference", "nobody"]) == 2
+    assert "'nobody' is not a row" in capsys.readouterr().err
+
+    assert report_main(["--into", str(target), str(later_path), "--reference", "ours"]) == 0
+    merged = json.loads(target.read_text())
+    assert [r["method"] for r in merged["rows"]] == ["emsedit2", "ft", "ours"]
+    assert merged["model_fingerprints"] == ["f" * 16, "e" * 16] and merged["reference"] == "ours"
+    assert merged["device"] == "cpu"
+    assert merged["commands"][:2] == ["first run", "second run"] and "--into" in merged["commands"][2]
+    md = (tmp_path / "editing_zsre.md").read_text()
+    assert "`ours` minus each other method" in md and "| emsedit2 | +" in md and "fingerprints ffffffffffff, eeeeeeeeeeee" in md
+    # the reference survives a later merge that names none
+    again = _report({"ft": [41.0, 44.0, 46.0]}) | {"unedited": {"average": 20.0}}
+    (tmp_path / "again.json").write_text(json.dumps(again))
+    assert report_main(["--into", str(target), str(tmp_path / "again.json")]) == 0
+    assert json.loads(target.read_text())["reference"] == "ours"
+
+    # other weights: other fingerprints and other unedited scores
+    stranger = later | {"unedited": {"average": 21.0}}
+    (tmp_path / "stranger.json").write_text(json.dumps(stranger))
+    assert report_main(["--into", str(target), str(tmp_path / "stranger.json")]) == 2
+    assert "different models" in capsys.readouterr().err
