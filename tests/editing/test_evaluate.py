@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 from editing.data import EditExample
 from editing.deltas import EditPlan
@@ -174,6 +175,8 @@ def test_cli_writes_json_markdown_and_plot_and_respects_train_limit(
     assert rows["emsedit2@K16"]["train_facts"] == 16 and rows["emsedit2@K16"]["train_limit"] == 16
     assert len(report["sequences"]["ultraedit"]["curve"]) == 3
     assert (out / "editing_zsre.png").stat().st_size > 1000
+    with Image.open(out / "editing_zsre.png") as plot_image:  # palette PNG: committed plots stay small
+        assert plot_image.mode == "P" and plot_image.width > 1000
     markdown = (out / "editing_zsre.md").read_text()
     assert "| ultraedit |" in markdown and "| emsedit2@K16 |" in markdown and "Data efficiency" not in markdown
     assert "| ultraedit |" in capsys.readouterr().out
