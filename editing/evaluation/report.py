@@ -314,7 +314,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     # A 256-colour palette keeps the committed plots at a third of the size (a dozen lines plus
-    # antialiasing fit in it without visible change); Pillow comes with matplotlib.
+    # antialiasing fit in it without visible change).
     from PIL import Image
 
     buffer.seek(0)
