@@ -28,11 +28,11 @@ import torch
 
 from editing.config import EditorConfig, ModelConfig
 from editing.data import load_zsre
-from editing.deltas import apply, master_copies, restore, snapshot
-from editing.emsedit import EMSEditor, answer_loss, lm_logits
-from editing.loading import load_model
-from editing.solve import ridge_solve
-from editing.targets import default_edit_modules
+from editing.engine.deltas import apply, master_copies, restore, snapshot
+from editing.engine.emsedit import EMSEditor, answer_loss, lm_logits
+from editing.engine.solve import ridge_solve
+from editing.model.loading import load_model
+from editing.model.targets import default_edit_modules
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "zsre" / "zsre_train.json"

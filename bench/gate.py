@@ -14,7 +14,7 @@ which publishes the weights and hands the plan's normaliser statistics to the ed
 
 Reported per run: on the final model, efficacy (teacher-forced token accuracy of every fact's target on
 its prompt, all facts and only the committed ones), generalisation (paraphrases), retention (top-1
-agreement with the unedited model on the facts' locality prompts, `editing.metrics.evaluate_examples`),
+agreement with the unedited model on the facts' locality prompts, `editing.model.edit_metrics.evaluate_examples`),
 the locality prompts' gold-answer accuracy, the periodic GLUE-style probes (pooled accuracy, the base
 model's, flip rate and what the drift policy would do; also every `--probe-every` batches), fact
 counts by outcome, and per batch the edit and check seconds (wall and CPU) and their ratio.
@@ -45,20 +45,20 @@ from typing import Any
 
 import torch
 
-from editing.batch_edit import BatchResult, GatedEditor
-from editing.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_editor, load_checkpoint
 from editing.config import EditorConfig, ModelConfig
 from editing.data import EditExample, examples_hash, load_examples, load_zsre
-from editing.emsedit import EMSEditor
-from editing.frozen_layers import FrozenLayers
-from editing.gate import BatchChecker, BatchMeasurement, Gate, GateFact, locality_prompts
-from editing.gate_config import GateConfig
-from editing.history import ModelHistory
-from editing.loading import LoadedModel, file_sha256, load_model
-from editing.metrics import EvaluationResult, evaluate_examples
-from editing.probes import DriftPolicy, ProbeSuite
-from editing.specificity import FrozenBase, ReferenceStore
-from editing.weights import WeightState
+from editing.engine.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_editor, load_checkpoint
+from editing.engine.emsedit import EMSEditor
+from editing.gate.batch_edit import BatchResult, GatedEditor
+from editing.gate.checks import BatchChecker, BatchMeasurement, Gate, GateFact, locality_prompts
+from editing.gate.config import GateConfig
+from editing.gate.frozen_layers import FrozenLayers
+from editing.gate.probes import DriftPolicy, ProbeSuite
+from editing.gate.specificity import FrozenBase, ReferenceStore
+from editing.model.edit_metrics import EvaluationResult, evaluate_examples
+from editing.model.loading import LoadedModel, file_sha256, load_model
+from editing.state.history import ModelHistory
+from editing.state.weights import WeightState
 from store.artefacts import ArtefactStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -458,7 +458,7 @@ class FixedPrompts(BatchChecker):
 
 
 def held_out_train_facts(env: Env, data: Path) -> tuple[list[EditExample], dict[str, Any]]:
-    """zsre_train facts the editor was not trained on: the rest of `editing.training.make_batches`' shuffle."""
+    """zsre_train facts the editor was not trained on: the rest of `editing.engine.training.make_batches`' shuffle."""
     training = env.info["editor"]
     options = training.get("training_options") or {}
     examples = load_examples(f"zsre:{data / 'zsre' / 'zsre_train.json'}", seed=int(options.get("seed", 0)))

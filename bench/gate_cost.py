@@ -33,15 +33,15 @@ import torch
 
 from editing.config import EditorConfig, ModelConfig
 from editing.data import load_zsre
-from editing.emsedit import EMSEditor
-from editing.frozen_layers import FrozenLayers
-from editing.gate import BatchChecker, GateFact, locality_prompts
-from editing.gate_config import GateConfig
-from editing.loading import load_model
-from editing.probes import ProbeSuite
-from editing.specificity import FrozenBase, ReferenceStore
-from editing.targets import default_edit_modules
-from editing.tokenise import pad_id
+from editing.engine.emsedit import EMSEditor
+from editing.gate.checks import BatchChecker, GateFact, locality_prompts
+from editing.gate.config import GateConfig
+from editing.gate.frozen_layers import FrozenLayers
+from editing.gate.probes import ProbeSuite
+from editing.gate.specificity import FrozenBase, ReferenceStore
+from editing.model.loading import load_model
+from editing.model.targets import default_edit_modules
+from editing.model.tokenise import pad_id
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).parents[1].parent / "shared" / "data"

@@ -46,7 +46,7 @@ from daemon.logs import configure_logging
 from ingest.config import IngestLimits
 from ingest.documents import parse_line
 from ingest.facts import parse_timestamp
-from store import ledger
+from store import intake
 from store.db import SQLITE_WAL_AUTOCHECKPOINT_PAGES, make_engine, make_session_factory, upgrade_to_head
 from store.models import Fact, FactOrigin
 from store.records import FactIn, Locality, Origin
@@ -145,7 +145,7 @@ def run_backend(backend: str, url: str, path: Path, records: int, batch_size: in
     for batch in read_batches(path, batch_size):
         store_started, store_cpu_started = time.perf_counter(), time.process_time()
         with factory() as session, session.begin():
-            duplicates += ledger.add_facts(session=session, items=batch).duplicates
+            duplicates += intake.add_facts(session=session, items=batch).duplicates
         store_seconds += time.perf_counter() - store_started
         store_cpu += time.process_time() - store_cpu_started
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started

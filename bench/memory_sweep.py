@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from editing.config import EditorConfig, ModelConfig
     from editing.data import load_examples
-    from editing.emsedit import EMSEditor
+    from editing.engine.emsedit import EMSEditor
+    from editing.engine.key_covariance import key_second_moments, reference_texts
     from editing.evaluation.harness import measure_baseline, run_stream
     from editing.evaluation.methods import PreparedMethod, get_method
     from editing.evaluation.runner import EvaluationPlan, evaluation_batches
-    from editing.key_covariance import key_second_moments, reference_texts
-    from editing.loading import load_model
-    from editing.targets import default_edit_modules
+    from editing.model.loading import load_model
+    from editing.model.targets import default_edit_modules
 
     points = [parse_point(p) for p in args.point]
     spec = f"zsre:{args.data}"

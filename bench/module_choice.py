@@ -25,12 +25,12 @@ import torch
 
 from editing.config import EditorConfig, ModelConfig
 from editing.data import EditExample, load_zsre
-from editing.deltas import apply, master_copies, restore, snapshot
-from editing.emsedit import EMSEditor
-from editing.loading import LoadedModel, load_model
-from editing.metrics import evaluate_examples
-from editing.targets import default_edit_modules
-from editing.training import TrainingOptions, meta_train
+from editing.engine.deltas import apply, master_copies, restore, snapshot
+from editing.engine.emsedit import EMSEditor
+from editing.engine.training import TrainingOptions, meta_train
+from editing.model.edit_metrics import evaluate_examples
+from editing.model.loading import LoadedModel, load_model
+from editing.model.targets import default_edit_modules
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "zsre" / "zsre_train.json"

@@ -1,7 +1,7 @@
 """The reference code's quirks, one at a time, on a tiny random Llama (CPU, minutes): which default measures best.
 
 Protocol: a tiny Llama (hidden 64, 2 layers, down_proj of both layers edited) with the SmolLM2 tokenizer;
-synthetic counterfactual facts (`editing.synthetic`); train on `--train` facts in batches of 8, then edit
+synthetic counterfactual facts (`editing.engine.synthetic`); train on `--train` facts in batches of 8, then edit
 `--stream` held-out batches of 8 sequentially, keeping every edit, and score them at the end: ES, GS
 (teacher-forced token accuracy) and retention (top-1 agreement with the unedited model on the unrelated
 prompts). Each variant flips one option of the reference configuration.
@@ -27,12 +27,12 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from editing.config import EditorConfig
-from editing.deltas import master_copies, restore, snapshot
-from editing.emsedit import EMSEditor
-from editing.loading import default_gguf_path
-from editing.metrics import evaluate_examples
-from editing.synthetic import synthetic_examples
-from editing.training import TrainingOptions, meta_train
+from editing.engine.deltas import master_copies, restore, snapshot
+from editing.engine.emsedit import EMSEditor
+from editing.engine.synthetic import synthetic_examples
+from editing.engine.training import TrainingOptions, meta_train
+from editing.model.edit_metrics import evaluate_examples
+from editing.model.loading import default_gguf_path
 
 RESULTS = Path(__file__).parent / "results"
 MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
@@ -78,7 +78,7 @@ def run_variant(
     base = evaluate_examples(model, tokenizer, held)
     saved = snapshot(model, MODULES)
     masters = master_copies(model, MODULES)
-    from editing.deltas import apply
+    from editing.engine.deltas import apply
 
     for i in range(0, len(held), 8):
         plan = editor.propose(held[i : i + 8], masters)

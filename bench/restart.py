@@ -57,8 +57,8 @@ def ledger_refs(session: Any) -> tuple[dict[int, Any], int]:
     """Every commit row as a CommitRef, and the current version (how the service wires the ledger in)."""
     from sqlalchemy import select
 
-    from editing.history import CommitRef
-    from store.ledger import current_version
+    from editing.state.history import CommitRef
+    from store.commits import current_version
     from store.models import Commit
 
     refs = {
@@ -70,10 +70,10 @@ def ledger_refs(session: Any) -> tuple[dict[int, Any], int]:
 
 def _load(history_kwargs: dict[str, Any], state_dir: Path, modules: list[str] | None) -> tuple[Any, Any, Any]:
     from editing.config import ModelConfig
-    from editing.history import ModelHistory
-    from editing.loading import load_model
-    from editing.targets import default_edit_modules
-    from editing.weights import WeightState
+    from editing.model.loading import load_model
+    from editing.model.targets import default_edit_modules
+    from editing.state.history import ModelHistory
+    from editing.state.weights import WeightState
     from store.artefacts import ArtefactStore
 
     loaded = load_model(ModelConfig(device="cpu"), cache_dir=MODEL_CACHE)
@@ -100,7 +100,7 @@ def _synthetic_edit(state: Any, seed: int) -> dict[str, Any]:
 
 
 def _editor_state(state: Any) -> dict[str, Any]:
-    from editing.hypernet import EditorNets
+    from editing.engine.hypernet import EditorNets
 
     shapes = {name: (int(b.shape[0]), int(b.shape[1])) for name, b in state.base().items()}
     return EditorNets(shapes, STEPS, 64, 1, 1e-6, False).normaliser_state()
@@ -110,9 +110,11 @@ def build(
     state_dir: Path, commits: int, pool: int, history_kwargs: dict[str, Any], modules: list[str] | None
 ) -> dict[str, Any]:
     """Make `commits` commits through the real protocol; returns the build's measurements."""
-    from editing.history import prepare_commit
-    from store.ledger import add_facts, claim_pending, record_commit
+    from editing.state.history import prepare_commit
+    from store.commits import record_commit
+    from store.intake import add_facts
     from store.records import CommitIn, FactIn, Origin
+    from store.work import claim_pending
 
     factory = _open_ledger(state_dir)
     _, state, history = _load(history_kwargs, state_dir, modules)
@@ -172,7 +174,7 @@ def build(
 
 def startup(state_dir: Path, history_kwargs: dict[str, Any], modules: list[str] | None) -> dict[str, Any]:
     """What the daemon does at start-up, timed by phase (called in a fresh process)."""
-    from store.ledger import reset_stuck_editing
+    from store.work import reset_stuck_editing
 
     t0 = time.perf_counter()
     factory = _open_ledger(state_dir)

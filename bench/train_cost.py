@@ -25,10 +25,10 @@ import torch
 
 from editing.config import EditorConfig, ModelConfig
 from editing.data import load_zsre
-from editing.emsedit import EMSEditor
-from editing.loading import load_model
-from editing.targets import default_edit_modules
-from editing.training import TrainingOptions, meta_train
+from editing.engine.emsedit import EMSEditor
+from editing.engine.training import TrainingOptions, meta_train
+from editing.model.loading import load_model
+from editing.model.targets import default_edit_modules
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "zsre" / "zsre_train.json"

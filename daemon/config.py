@@ -29,7 +29,7 @@ from pydantic_settings import (
 )
 
 from editing.config import EditorConfig, ModelConfig
-from editing.gate_config import GateConfig
+from editing.gate.config import GateConfig
 from ingest.config import IngestConfig
 from store.config import StoreConfig
 

@@ -7,7 +7,7 @@ job every `[edit_loop] poll_seconds`; under one lock (`writer`) it
 2. runs the baseline probe once, then the periodic probes when due, and follows the drift policy;
 3. while at least `min_batch` facts are pending, or the oldest pending one has waited `max_wait_seconds`,
    edits a batch: claim up to `[editor] batch_size` facts (-> editing), propose and gate them on the
-   live weights (`editing.batch_edit`), then commit what passed with the model-state protocol
+   live weights (`editing.gate.batch_edit`), then commit what passed with the model-state protocol
    (artefact durable -> one ledger transaction with the commit row, the fact states and the gate's
    record -> weights published), and settle the rest (rejected, failed, or back to pending to retry);
 4. consolidates the artefacts (snapshots, retention) between batches.
@@ -38,16 +38,16 @@ from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.model_state import RevertOutcome, apply_pending_reverts, commit_refs, revert_model
 from daemon.view import DaemonView
-from editing.batch_edit import BatchResult, EditInterrupted, GatedEditor
-from editing.checkpoint import code_version
 from editing.data import EditExample
-from editing.emsedit import EMSEditor
-from editing.gate import BatchChecker, Gate, GateFact, GateVerdict
-from editing.history import CommitRecord, ModelHistory
-from editing.loading import LoadedModel
-from editing.probes import DriftPolicy, ProbeReport, ProbeSuite, probes_due
-from editing.scoring import answer_scores
-from editing.specificity import ReferenceStore
+from editing.engine.checkpoint import code_version
+from editing.engine.emsedit import EMSEditor
+from editing.gate.batch_edit import BatchResult, EditInterrupted, GatedEditor
+from editing.gate.checks import BatchChecker, Gate, GateFact, GateVerdict
+from editing.gate.probes import DriftPolicy, ProbeReport, ProbeSuite, probes_due
+from editing.gate.specificity import ReferenceStore
+from editing.model.loading import LoadedModel
+from editing.model.scoring import answer_scores
+from editing.state.history import CommitRecord, ModelHistory
 from store import commits
 from store.errors import StaleVersion
 from store.models import Commit, Fact, FactStatus, ProbeRun

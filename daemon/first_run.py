@@ -22,11 +22,11 @@ from pathlib import Path
 import structlog
 
 from daemon.config import Settings
-from editing.checkpoint import WEIGHTS_FILE, build_editor, checkpoint_info, load_checkpoint, save_checkpoint
 from editing.data import examples_hash, load_examples
-from editing.emsedit import EMSEditor
-from editing.loading import LoadedModel
-from editing.training import TrainingOptions, meta_train
+from editing.engine.checkpoint import WEIGHTS_FILE, build_editor, checkpoint_info, load_checkpoint, save_checkpoint
+from editing.engine.emsedit import EMSEditor
+from editing.engine.training import TrainingOptions, meta_train
+from editing.model.loading import LoadedModel
 
 log = structlog.get_logger(__name__)
 

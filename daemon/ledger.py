@@ -37,7 +37,6 @@ from store import commits as store_commits
 from store import work as store_work
 from store.db import make_engine, make_read_session_factory, make_session_factory, serialise_writers, upgrade_to_head
 from store.errors import LedgerError, LedgerUnavailable, UnknownVersion
-from store.ledger import requeue
 from store.lock import ModelInUse, ModelLock
 from store.models import Commit, FactStatus, Revert
 from store.queries import (
@@ -49,6 +48,7 @@ from store.queries import (
     list_reverts,
     status_summary,
 )
+from store.work import requeue
 
 if TYPE_CHECKING:
     from store.artefacts import ArtefactStore
@@ -322,7 +322,7 @@ ModelCommand = Callable[[ModelContext, argparse.Namespace, IO[str]], int]
 def _run_model_command(command: ModelCommand, context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
     """Run a model command; the model-state errors become Refused (exit 1) or UsageError (exit 2)."""
     from editing.errors import EditingError, ModelLoadError
-    from editing.export import ExportError
+    from editing.state.export import ExportError
     from store.artefacts import ArtefactError
 
     try:
@@ -349,7 +349,7 @@ def cmd_revert(context: ModelContext, args: argparse.Namespace, out: IO[str]) ->
 
 def _revert_offline(context: ModelContext, args: argparse.Namespace, out: IO[str], who: str) -> int:
     from daemon.model_state import open_history, revert_model, revert_target
-    from editing.loading import load_model
+    from editing.model.loading import load_model
 
     began = time.perf_counter()
     settings = context.settings
@@ -507,8 +507,8 @@ def cmd_export_model(context: ModelContext, args: argparse.Namespace, out: IO[st
 
 def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
     from daemon.model_state import commit_refs, open_history
-    from editing.export import export_model
-    from editing.loading import load_model
+    from editing.model.loading import load_model
+    from editing.state.export import export_model
 
     began = time.perf_counter()
     settings = context.settings

@@ -32,7 +32,7 @@ from ingest.errors import DocumentError
 from ingest.facts import to_outcomes
 from ingest.recording import split
 from ingest.scheduling import is_healthy
-from store import ledger, queries
+from store import intake, queries
 from store.commits import current_version
 from store.errors import InvalidFact, LedgerError, UnknownFact, UnknownSource
 from store.models import FactStatus
@@ -114,9 +114,9 @@ class LedgerView:
         accepted, rejected = split(outcomes)
         try:
             with self.sessions.begin() as session:
-                ledger.ensure_source(session=session, name=API_SOURCE, kind="api", location="POST /v1/facts")
-                result = ledger.add_facts(session=session, items=[(a.fact, a.origin) for a in accepted])
-                ledger.add_rejections(session=session, items=rejected)
+                intake.ensure_source(session=session, name=API_SOURCE, kind="api", location="POST /v1/facts")
+                result = intake.add_facts(session=session, items=[(a.fact, a.origin) for a in accepted])
+                intake.add_rejections(session=session, items=rejected)
         except InvalidFact as exc:
             raise InvalidInput(str(exc)) from None
         if self.metrics is not None:

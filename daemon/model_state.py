@@ -1,6 +1,6 @@
 """Where the ledger meets the versioned model state: open and recover, exact reverts, pending reverts.
 
-`editing.history.ModelHistory` knows artefacts and weights but not the ledger; `store.commits` knows the
+`editing.state.history.ModelHistory` knows artefacts and weights but not the ledger; `store.commits` knows the
 ledger but not the weights. This module joins them for the daemon and for the offline commands of
 `python -m daemon.ledger` (revert, export-model), so both follow one protocol:
 
@@ -21,10 +21,10 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
-from editing.history import CommitRef, EditorStateHolder, ModelHistory, RecoveryReport
-from editing.loading import LoadedModel
-from editing.targets import default_edit_modules
-from editing.weights import WeightState
+from editing.model.loading import LoadedModel
+from editing.model.targets import default_edit_modules
+from editing.state.history import CommitRef, EditorStateHolder, ModelHistory, RecoveryReport
+from editing.state.weights import WeightState
 from store import commits
 from store.artefacts import ArtefactKind, ArtefactStore
 from store.db import serialise_writers
@@ -56,7 +56,7 @@ def commit_refs(session: Session) -> dict[int, CommitRef]:
 
 
 def edited_modules(settings: Settings, loaded: LoadedModel) -> list[str]:
-    """The configured edited modules, or the model family's defaults (`editing.targets`)."""
+    """The configured edited modules, or the model family's defaults (`editing.model.targets`)."""
     return list(settings.model.edit_modules or default_edit_modules(loaded.model_type, loaded.num_layers))
 
 

@@ -2,7 +2,7 @@
 
 `answer_query` does the model work only; the caller holds whatever guarantees a consistent version
 of the weights (the service's read lock) and passes that version in. Answers are scored as the
-editor scores targets (`editing.scoring.answer_scores`): ``" " + answer`` teacher-forced after the
+editor scores targets (`editing.model.scoring.answer_scores`): ``" " + answer`` teacher-forced after the
 prompt, so the probability of "Paris" after "The capital of France is" is that of " Paris".
 """
 
@@ -18,8 +18,8 @@ from torch import nn
 from daemon.api_models import AnswerProbability, QueryResult
 from daemon.service_view import InvalidInput
 from editing.errors import DataFormatError
-from editing.scoring import answer_scores, model_device
-from editing.tokenise import encode_answer, pad_id
+from editing.model.scoring import answer_scores, model_device
+from editing.model.tokenise import encode_answer, pad_id
 
 SCORING_BATCH = 8
 

@@ -45,8 +45,8 @@ from daemon.metrics import Metrics
 from daemon.model_state import edited_modules, open_history
 from daemon.view import DaemonView
 from editing.errors import EditingError
-from editing.loading import LoadedModel, load_model
-from editing.specificity import FrozenBase, ReferenceStore
+from editing.gate.specificity import FrozenBase, ReferenceStore
+from editing.model.loading import LoadedModel, load_model
 from ingest.polling import Poll
 from ingest.scheduling import schedule_sources, source_health
 from store import queries

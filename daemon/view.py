@@ -28,8 +28,8 @@ from daemon.ledger_view import LedgerView
 from daemon.model_state import RevertOutcome
 from daemon.querying import answer_query
 from daemon.service_view import Conflict, InvalidInput, Unavailable
-from editing.loading import LoadedModel
-from editing.weights import WeightState
+from editing.model.loading import LoadedModel
+from editing.state.weights import WeightState
 from store.artefacts import ArtefactError
 from store.errors import LedgerError
 from store.models import FactStatus

@@ -44,7 +44,7 @@ class ModelConfig(BaseModel):
         None,
         description=(
             "Names of the Linear/Conv1D modules to edit. Empty means the default for the model's "
-            "`model_type` from editing/targets.py."
+            "`model_type` from editing/model/targets.py."
         ),
     )
     trust_remote_code: bool = Field(False, description="Passed to transformers when loading by id or path.")
@@ -131,7 +131,7 @@ class EditorConfig(BaseModel):
         le=1e9,
         description=(
             "Weight β of the edit memory in the ridge solve: β·Σ KᵀK over the keys of every edit already made "
-            "(editing/edit_memory.py), so a new edit leaves the outputs at earlier edits' keys where they are and "
+            "(editing/engine/edit_memory.py), so a new edit leaves the outputs at earlier edits' keys where they are and "
             "a long stream does not overwrite its own beginning (docs/editor.md). 0 is EMSEdit's plain ridge solve."
         ),
     )

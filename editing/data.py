@@ -319,7 +319,7 @@ def load_examples(spec: str, *, limit: int | None = None, seed: int = 0) -> list
         )
     if kind == "synthetic":
         # imported here: the generator's entity lists are only needed when it is used
-        from editing.synthetic import synthetic_examples
+        from editing.engine.synthetic import synthetic_examples
 
         try:
             count = int(arg)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default="default", help="model source: 'default' (SmolLM2-135M GGUF), id, dir or .gguf")
     model.add_argument("--model-cache", type=Path, default=Path(".cache/models"), help="de-quantised GGUF cache")
     model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    model.add_argument("--modules", default=None, help="comma-separated edited modules (default: editing/targets.py)")
+    model.add_argument("--modules", default=None, help="comma-separated edited modules (default: editing/model/targets.py)")
     model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", type=Path, default=Path("bench/results/tmp"), help="directory for the reports")
@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     from editing.evaluation.methods import ModelHandle
     from editing.evaluation.report import markdown, merge, write
     from editing.evaluation.runner import evaluation_batches, run_evaluation
-    from editing.loading import load_model
-    from editing.targets import default_edit_modules
+    from editing.model.loading import load_model
+    from editing.model.targets import default_edit_modules
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:

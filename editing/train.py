@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from editing.training import TrainingOptions
+    from editing.engine.training import TrainingOptions
 
     for option in fields(TrainingOptions):
         if option.name == "seed":
@@ -66,13 +66,13 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 def run(args: argparse.Namespace) -> int:
     from daemon.config import ConfigError, settings_from_args
     from daemon.logs import configure_logging
-    from editing.checkpoint import checkpoint_info, save_checkpoint
     from editing.data import examples_hash, load_examples
-    from editing.emsedit import EMSEditor
+    from editing.engine.checkpoint import checkpoint_info, save_checkpoint
+    from editing.engine.emsedit import EMSEditor
+    from editing.engine.training import TrainingOptions, meta_train
     from editing.errors import EditingError
-    from editing.loading import load_model
-    from editing.targets import default_edit_modules
-    from editing.training import TrainingOptions, meta_train
+    from editing.model.loading import load_model
+    from editing.model.targets import default_edit_modules
 
     try:
         settings = settings_from_args(args)

@@ -6,7 +6,7 @@ Map of the package (docs/ingest.md describes the behaviour):
 - `documents`: bytes to raw JSON records (JSONL, JSON documents, gzip) under the byte limits.
 - `shapes`: recognises our fact format and the ZsRE / CounterFact / ROME benchmark shapes.
 - `facts`: validation of one record into a `store.records.FactIn`, or a precise rejection.
-- `recording`: writes facts and rejections through `store.ledger` (the caller's transaction).
+- `recording`: writes facts and rejections through `store.intake` (the caller's transaction).
 - `progress`, `polling`: source cursors, and committing a poll with its cursor as one unit.
 - `fetch`: the HTTP client (timeouts, conditional GET, size limit, same-host redirects).
 - `dropfolder`, `jsonl`, `rss`, `web`: the four source kinds.

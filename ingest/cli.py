@@ -24,7 +24,7 @@ from ingest.errors import DocumentError, FetchError
 from ingest.facts import Outcome, document_rejection, to_outcomes
 from ingest.fetch import fetch
 from ingest.recording import Tally, record_outcomes
-from store import ledger
+from store import intake
 
 SOURCE_NAME = "cli"
 
@@ -83,7 +83,7 @@ def import_inputs(items: Sequence[str], config: IngestConfig, factory: sessionma
     """Import every input, committing every `commit_every` records. Returns the tally and whether all were read."""
     tally, all_read = Tally(), True
     with factory.begin() as session:
-        ledger.ensure_source(session=session, name=SOURCE_NAME, kind="cli", location="python -m ingest")
+        intake.ensure_source(session=session, name=SOURCE_NAME, kind="cli", location="python -m ingest")
     for item in items:
         outcomes, was_read = outcomes_of(item, config)
         all_read = all_read and was_read

@@ -37,7 +37,7 @@ from ingest.errors import DocumentError, UnsafePath
 from ingest.facts import Outcome, document_rejection, outcome_of
 from ingest.progress import dump_cursor, load_cursor
 from ingest.recording import Tally, record_outcomes
-from store import ledger
+from store import intake
 from store.records import RejectionIn
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class DropFolder:
             if sub.is_symlink() or not sub.is_dir():
                 raise UnsafePath(f"{sub} must be a real directory, not a symbolic link or a file")
         with self.session_factory.begin() as session:
-            ledger.ensure_source(session=session, name=self.source_name, kind="dropfolder", location=str(self.folder))
+            intake.ensure_source(session=session, name=self.source_name, kind="dropfolder", location=str(self.folder))
 
     def scan(self) -> list[FileResult]:
         """One poll: process every complete file now in the folder, oldest first."""
@@ -230,7 +230,7 @@ class DropFolder:
             cursor.pop("file", None)
         else:
             cursor["file"] = counts
-        ledger.update_source_poll_state(session=session, name=self.source_name, cursor=dump_cursor(cursor), ok=True)
+        intake.update_source_poll_state(session=session, name=self.source_name, cursor=dump_cursor(cursor), ok=True)
 
     def _destination(self, sub: str, name: str) -> Path:
         folder = self.folder / sub

@@ -19,7 +19,7 @@ from ingest.facts import Outcome
 from ingest.fetch import Response, fetch
 from ingest.progress import dump_cursor, load_cursor
 from ingest.recording import Tally, record_outcomes
-from store import ledger
+from store import intake
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def ledger_name(kind: str, name: str) -> str:
 def open_source(factory: sessionmaker[Session], *, name: str, kind: str, location: str) -> SourceState:
     """Register the source if needed and return its stored state."""
     with factory.begin() as session:
-        row = ledger.ensure_source(session=session, name=name, kind=kind, location=location)
+        row = intake.ensure_source(session=session, name=name, kind=kind, location=location)
         state = SourceState(name, load_cursor(session, name), row.etag, row.last_modified)
     return state
 
@@ -89,5 +89,5 @@ def commit_poll(
         extra["etag"], extra["last_modified"] = validators
     with factory.begin() as session:
         tally = record_outcomes(session, outcomes)
-        ledger.update_source_poll_state(session=session, name=state.name, ok=failure is None, error=failure, **extra)
+        intake.update_source_poll_state(session=session, name=state.name, ok=failure is None, error=failure, **extra)
     return Poll(tally=tally, failure=failure)

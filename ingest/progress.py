@@ -14,14 +14,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from store import ledger
+from store import intake
 
 logger = logging.getLogger(__name__)
 
 
 def load_cursor(session: Session, source: str) -> dict[str, Any]:
     """The stored cursor of `source` as a dict ({} when none or unreadable)."""
-    row = ledger.get_source(session=session, name=source)
+    row = intake.get_source(session=session, name=source)
     if row is None or not row.cursor:
         return {}
     try:

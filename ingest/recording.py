@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session
 
 from ingest.facts import Accepted, Outcome
-from store import ledger
+from store import intake
 from store.records import RejectionIn
 
 
@@ -50,8 +50,8 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome]) -> Tally:
     accepted, rejected = split(outcomes)
     tally = Tally(rejections=rejected)
     if accepted:
-        result = ledger.add_facts(session=session, items=[(a.fact, a.origin) for a in accepted])
+        result = intake.add_facts(session=session, items=[(a.fact, a.origin) for a in accepted])
         tally.accepted, tally.duplicates, tally.superseded = result.accepted, result.duplicates, result.superseded
     if rejected:
-        ledger.add_rejections(session=session, items=rejected)
+        intake.add_rejections(session=session, items=rejected)
     return tally

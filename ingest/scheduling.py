@@ -35,7 +35,7 @@ from ingest.config import IngestConfig
 from ingest.dropfolder import DropFolder
 from ingest.polling import Poll, ledger_name
 from ingest.recording import Tally
-from store import ledger
+from store import intake
 from store.models import Source
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ class SourceJob:
     def _record_failure(self, reason: str) -> None:
         try:
             with self.session_factory.begin() as session:
-                if ledger.get_source(session=session, name=self.name) is not None:
-                    ledger.update_source_poll_state(session=session, name=self.name, ok=False, error=reason)
+                if intake.get_source(session=session, name=self.name) is not None:
+                    intake.update_source_poll_state(session=session, name=self.name, ok=False, error=reason)
         except Exception:  # the ledger itself may be what failed; the log keeps the reason
             logger.exception("source %s: could not record the failed poll in the ledger", self.name)
 

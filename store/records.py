@@ -54,7 +54,7 @@ class RejectionIn:
 
 @dataclass(frozen=True)
 class AddResult:
-    """What `store.ledger.add_facts` did with a batch of records."""
+    """What `store.intake.add_facts` did with a batch of records."""
 
     accepted: int  #: new facts stored
     duplicates: int  #: records that matched an existing fact (provenance still recorded)
@@ -64,7 +64,7 @@ class AddResult:
 
 @dataclass(frozen=True)
 class CommitIn:
-    """Everything the edit loop records about one committed edit (see `store.ledger.record_commit`).
+    """Everything the edit loop records about one committed edit (see `store.intake.record_commit`).
 
     `fact_ids` must all be in state `editing`. The remaining fields describe the edit so that a later
     revert can be checked (weights hash) and a run reproduced (fingerprint, versions, seed).

@@ -31,7 +31,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def default_model():  # type: ignore[no-untyped-def]
     from editing.config import ModelConfig
-    from editing.loading import load_model
+    from editing.model.loading import load_model
 
     return load_model(ModelConfig(device="cpu", cache_dir=MODEL_CACHE_DIR))
 

@@ -22,10 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from editing.data import EditExample
-from editing.deltas import apply, master_copies, restore, snapshot
+from editing.engine.deltas import apply, master_copies, restore, snapshot
 from editing.evaluation.methods import PreparedMethod
 from editing.evaluation.scores import BatchScores, DataKind, pool, score_batch
-from editing.metrics import ReferencePredictions
+from editing.model.edit_metrics import ReferencePredictions
 
 Mode = Literal["sequential", "batch"]
 

@@ -3,7 +3,7 @@
 Every method edits the same modules of the same model through one interface: `propose(facts, masters)`
 returns an `EditPlan` (the model untouched), the harness applies it; methods with running statistics
 (every hypernetwork method) also carry editor state, which the harness adopts after each applied edit and
-restores at the end. Methods that learn are meta-trained first (`editing.training.meta_train`) on the
+restores at the end. Methods that learn are meta-trained first (`editing.engine.training.meta_train`) on the
 training facts, or loaded from a checkpoint.
 
 `METHODS` is the registry (`docs/evaluation.md` explains each entry and where its settings come from):
@@ -38,10 +38,9 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from editing.baselines.ft import FTConfig, FTEditor
-from editing.baselines.mend import MENDEditor, mend_config
-from editing.baselines.ultraedit import UltraEditor, ultraedit_config
-from editing.checkpoint import (
+from editing.config import EditorConfig
+from editing.data import EditExample, examples_hash
+from editing.engine.checkpoint import (
     check_compatible,
     checkpoint_info,
     load_checkpoint,
@@ -49,12 +48,13 @@ from editing.checkpoint import (
     module_shapes,
     save_checkpoint,
 )
-from editing.config import EditorConfig
-from editing.data import EditExample, examples_hash
-from editing.deltas import EditPlan
-from editing.emsedit import EMSEditor
+from editing.engine.deltas import EditPlan
+from editing.engine.emsedit import EMSEditor
+from editing.engine.training import TrainingOptions, meta_train
 from editing.errors import CheckpointError
-from editing.training import TrainingOptions, meta_train
+from editing.evaluation.baselines.ft import FTConfig, FTEditor
+from editing.evaluation.baselines.mend import MENDEditor, mend_config
+from editing.evaluation.baselines.ultraedit import UltraEditor, ultraedit_config
 
 logger = logging.getLogger(__name__)
 

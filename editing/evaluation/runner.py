@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from editing.checkpoint import code_version
 from editing.data import EditExample, examples_hash, load_examples
+from editing.engine.checkpoint import code_version
 from editing.errors import DataFormatError
 from editing.evaluation.harness import Mode, measure_baseline, run_stream
 from editing.evaluation.methods import MethodSpec, ModelHandle, prepare

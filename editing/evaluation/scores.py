@@ -1,6 +1,6 @@
 """Scores of one edit batch and their pooling into report metrics (spec §8, docs/evaluation.md).
 
-`score_batch` runs `editing.metrics.evaluate_examples` on one batch of facts and keeps the per-row values:
+`score_batch` runs `editing.model.edit_metrics.evaluate_examples` on one batch of facts and keeps the per-row values:
 the paper's metrics (ZsRE: teacher-forced token accuracy; CounterFact: the token-wise comparison of new and
 old targets) and the clean ones (retention: top-1 agreement with the unedited model on the locality rows;
 CounterFact: the ROME-style whole-answer comparison). `pool` averages rows over any number of batches the
@@ -17,7 +17,7 @@ from typing import Literal
 from torch import nn
 
 from editing.data import EditExample
-from editing.metrics import EvaluationResult, Metric, ReferencePredictions, evaluate_examples
+from editing.model.edit_metrics import EvaluationResult, Metric, ReferencePredictions, evaluate_examples
 
 DataKind = Literal["zsre", "counterfact"]
 

@@ -29,7 +29,7 @@ from daemon.metrics import Metrics
 from daemon.querying import answer_query
 from daemon.service_view import Conflict, Unavailable
 from ingest.config import IngestConfig
-from store import ledger
+from store import commits, work
 from store.db import make_engine, make_session_factory, upgrade_to_head
 from store.errors import UnknownVersion
 from store.records import CommitIn
@@ -136,7 +136,7 @@ class RealView:
         if "model" in " ".join(self.not_ready):
             raise Unavailable("model: still loading")
         with self.model_lock, self.sessions() as session:
-            version = ledger.current_version(session)
+            version = commits.current_version(session)
             return answer_query(
                 self.model, self.tokenizer, model_version=version, prompt=prompt, answers=answers,
                 max_new_tokens=max_new_tokens,
@@ -146,10 +146,10 @@ class RealView:
         try:
             with self.sessions.begin() as session:
                 if last is not None:
-                    audit = ledger.revert_last(session=session, count=last, reason=reason, requested_by=requested_by)
+                    audit = commits.revert_last(session=session, count=last, reason=reason, requested_by=requested_by)
                 else:
                     assert to_version is not None
-                    audit = ledger.revert_to(session=session, to_version=to_version, reason=reason, requested_by=requested_by)
+                    audit = commits.revert_to(session=session, to_version=to_version, reason=reason, requested_by=requested_by)
         except UnknownVersion as exc:
             raise Conflict(str(exc)) from None
         return RevertResult(
@@ -160,8 +160,8 @@ class RealView:
     def commit_pending(self, limit: int = 100) -> int:
         """Claim pending facts and record them as one commit (the edit loop's ledger side); returns the version."""
         with self.sessions.begin() as session:
-            facts = ledger.claim_pending(session=session, limit=limit)
-            commit = ledger.record_commit(
+            facts = work.claim_pending(session=session, limit=limit)
+            commit = commits.record_commit(
                 session=session,
                 commit=CommitIn(fact_ids=tuple(f.id for f in facts), edit_metrics={"efficacy": 1.0}),
             )

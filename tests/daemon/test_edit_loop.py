@@ -24,12 +24,12 @@ from daemon.metrics import Metrics
 from daemon.model_state import open_history
 from daemon.view import DaemonView
 from editing.config import EditorConfig
-from editing.emsedit import EMSEditor
-from editing.gate import BatchMeasurement, GateFact
-from editing.gate_config import GateConfig
-from editing.probes import DriftDecision
-from editing.specificity import FrozenBase, ReferenceStore
-from store import commits, ledger
+from editing.engine.emsedit import EMSEditor
+from editing.gate.checks import BatchMeasurement, GateFact
+from editing.gate.config import GateConfig
+from editing.gate.probes import DriftDecision
+from editing.gate.specificity import FrozenBase, ReferenceStore
+from store import commits, intake
 from store.models import Commit, Fact, ProbeRun, Revert
 from store.records import FactIn, Locality, Origin
 from tests.daemon.test_model_state import World, tiny_model_dir_fixture, world_fixture, worlds_fixture
@@ -67,7 +67,7 @@ class Rig:
                 )
                 for i in range(start, start + count)
             ]
-            result = ledger.add_facts(session=session, items=items)
+            result = intake.add_facts(session=session, items=items)
         return list(result.fact_ids)
 
     def ids(self) -> list[int]:

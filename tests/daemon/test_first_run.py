@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from daemon.first_run import TrainingStopped, checkpoint_exists, load_editor, train_editor
-from editing.checkpoint import load_checkpoint
+from editing.engine.checkpoint import load_checkpoint
 from tests.daemon.test_model_state import EDIT_MODULES, World, tiny_model_dir_fixture, world_fixture, worlds_fixture
 
 __all__ = ["tiny_model_dir_fixture", "world_fixture", "worlds_fixture"]

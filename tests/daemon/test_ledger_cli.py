@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from daemon.ledger import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, main
-from store import ledger
+from store import commits, intake, states, work
 from store.db import make_engine, make_session_factory
 from store.lock import ModelLock
 from store.models import Fact, FactStatus, Revert
@@ -77,17 +77,17 @@ def seeded(db_url: str) -> Iterator[Callable[[], Session]]:  # noqa: F811
             (FactIn(prompt=f"prompt {i}", target_new=f"t{i}"), Origin("feed:x", "https://x", f"e{i}"))
             for i in range(2, 6)
         ]
-        ids = ledger.add_facts(session=session, items=items).fact_ids
+        ids = intake.add_facts(session=session, items=items).fact_ids
         assert ids == (1, 2, 3, 4, 5)
-        ledger.add_facts(session=session, items=[(rich, Origin("feed:x", "https://x", "e9"))])
-        ledger.claim_pending(session=session, limit=2)
-        ledger.record_commit(session=session, commit=CommitIn(fact_ids=(1, 2), edit_metrics={"efficacy": 1.0}))
-        ledger.claim_pending(session=session, limit=1)
-        ledger.record_commit(session=session, commit=CommitIn(fact_ids=(3,)))
-        ledger.transition(session=session, fact_ids=[5], to=FactStatus.EDITING)
-        ledger.transition(session=session, fact_ids=[5], to=FactStatus.FAILED, error="boom")
+        intake.add_facts(session=session, items=[(rich, Origin("feed:x", "https://x", "e9"))])
+        work.claim_pending(session=session, limit=2)
+        commits.record_commit(session=session, commit=CommitIn(fact_ids=(1, 2), edit_metrics={"efficacy": 1.0}))
+        work.claim_pending(session=session, limit=1)
+        commits.record_commit(session=session, commit=CommitIn(fact_ids=(3,)))
+        states.transition(session=session, fact_ids=[5], to=FactStatus.EDITING)
+        states.transition(session=session, fact_ids=[5], to=FactStatus.FAILED, error="boom")
         rejection = RejectionIn(Origin("inbox", "a.jsonl", "line 2"), "{", "not JSON")
-        ledger.add_rejections(session=session, items=[rejection])
+        intake.add_rejections(session=session, items=[rejection])
     yield factory
     engine.dispose()
 
@@ -217,7 +217,7 @@ def test_export_round_trips_through_add_facts(cli: Run, seeded: Any, tmp_path: P
     exported = [json.loads(line) for line in target.read_text().splitlines()]
     with seeded() as session:
         items = [(FactIn(prompt=r["prompt"], target_new=r["target_new"]), Origin("cli", str(target))) for r in exported]
-        result = ledger.add_facts(session=session, items=items)
+        result = intake.add_facts(session=session, items=items)
         assert (result.accepted, result.duplicates, result.fact_ids) == (0, 3, (1, 2, 3))
         session.rollback()
 
@@ -249,8 +249,8 @@ class _DaemonLedgerSide:
     def _loop(self) -> None:
         while not self.stop.wait(0.05):
             with self.sessions() as session, session.begin():
-                for revert in ledger.unapplied_reverts(session):
-                    ledger.mark_revert_applied(session=session, revert_id=revert.id)
+                for revert in commits.unapplied_reverts(session):
+                    commits.mark_revert_applied(session=session, revert_id=revert.id)
 
 
 def test_revert_with_the_daemon_running_is_filed_and_reported_once_restored(
@@ -312,7 +312,7 @@ def test_module_entry_point_uses_sqlite_in_the_state_dir(tmp_path: Path) -> None
 def test_read_commands_do_not_wait_for_a_writer(cli: Run, seeded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KED_STORE__SQLITE_BUSY_TIMEOUT_MS", "300")
     with seeded() as writer:
-        ledger.transition(session=writer, fact_ids=[4], to=FactStatus.EDITING)  # holds the write lock
+        states.transition(session=writer, fact_ids=[4], to=FactStatus.EDITING)  # holds the write lock
         code, out, _ = cli("status", "--json")
         assert code == EXIT_OK and json.loads(out)["by_status"]["editing"] == 0
         writer.rollback()

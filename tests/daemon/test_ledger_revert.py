@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from daemon.ledger import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, main
 from daemon.model_state import apply_pending_reverts
-from editing.export import EXPORT_INFO_NAME
-from editing.history import ModelHistory
+from editing.state.export import EXPORT_INFO_NAME
+from editing.state.history import ModelHistory
 from store.lock import ModelInUse, ModelLock
 from tests.daemon.test_model_state import (  # noqa: F401 - fixtures, registered by importing them
     World,

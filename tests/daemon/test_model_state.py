@@ -1,7 +1,7 @@
 """`daemon.model_state`: the ledger joined to the versioned model state (open and recover, exact reverts).
 
 Every test runs on a real SQLite ledger and a real artefact store in a temporary state directory,
-with a tiny Llama saved as a local Hugging Face directory and loaded by `editing.loading.load_model`
+with a tiny Llama saved as a local Hugging Face directory and loaded by `editing.model.loading.load_model`
 (as the daemon and the CLI load `[model] source`). Commits go through `ModelHistory.commit` with a
 ledger callback that calls `store.commits.record_commit` on facts claimed into `editing`.
 
@@ -31,9 +31,9 @@ from daemon.model_state import (
     open_history,
     revert_model,
 )
-from editing.history import CommitRecord, ModelHistory, prepare_commit
-from editing.loading import LoadedModel, load_model
-from store import commits, ledger
+from editing.model.loading import LoadedModel, load_model
+from editing.state.history import CommitRecord, ModelHistory, prepare_commit
+from store import commits, intake, work
 from store.artefacts import TEMP_PREFIX, ArtefactKind
 from store.db import make_engine, make_session_factory, upgrade_to_head
 from store.errors import UnknownVersion
@@ -84,8 +84,8 @@ class World:
                 (FactIn(prompt=f"prompt {seed}.{i}", target_new=f"target {seed}"), Origin("test", "t"))
                 for i in range(facts)
             ]
-            ledger.add_facts(session=session, items=items)
-            fact_ids = tuple(fact.id for fact in ledger.claim_pending(session=session, limit=facts))
+            intake.add_facts(session=session, items=items)
+            fact_ids = tuple(fact.id for fact in work.claim_pending(session=session, limit=facts))
             version = commits.next_version(session)
         prepared = prepare_commit(_deltas(history, seed), {})
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import rss
 from ingest.config import FeedMapping, FeedSource, IngestConfig
-from store import ledger as store_ledger
+from store import intake
 from store.models import Fact
 from tests.ingest.conftest import DATA, Route, WebServer, counts, rejection_reasons
 
@@ -68,7 +68,7 @@ def test_conditional_get_with_stored_validators(
     assert again.not_modified and web.requests[-1][1]["If-None-Match"] == '"e1"'
     assert web.requests[-1][1]["If-Modified-Since"] == "Sat, 21 Nov 2026 12:00:00 GMT"
     with ledger() as session:
-        row = store_ledger.get_source(session=session, name="feed:wire")
+        row = intake.get_source(session=session, name="feed:wire")
         assert row is not None and (row.etag, row.consecutive_failures) == ('"e1"', 0)
 
 
@@ -100,7 +100,7 @@ def test_bad_feeds_are_recorded_once_and_fail_the_poll(
     assert rejection_reasons(ledger) == [(None, reason)]  # once, not once per poll
     assert counts(ledger)[0] == 0
     with ledger() as session:
-        row = store_ledger.get_source(session=session, name="feed:bad")
+        row = intake.get_source(session=session, name="feed:bad")
         assert row is not None and (row.consecutive_failures, row.last_error) == (2, reason)
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest.config import IngestConfig
 from ingest.polling import Poll
 from ingest.scheduling import SourceJob, backoff_seconds, schedule_sources, source_health
-from store import ledger as store_ledger
+from store import intake
 from tests.ingest.conftest import DATA, Route, WebServer, counts
 
 
@@ -60,7 +60,7 @@ def test_hung_source_does_not_block_the_others(
     wait_for(lambda: counts(ledger)[0] == 4 and (inbox / "processed" / "late.jsonl").exists())
     assert any(path == "/hang" for path, _ in web.requests)
     with ledger() as session:
-        hung = store_ledger.get_source(session=session, name="web:hung")
+        hung = intake.get_source(session=session, name="web:hung")
         assert hung is not None and hung.last_polled_at is None  # its first poll is still waiting
         health = {h.name: h for h in source_health(session, config)}
     assert health["web:good"].healthy and health["inbox"].healthy and health["feed:leaders"].healthy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from store import ledger
+from store import commits, intake, states
 from store.models import Fact, FactStatus
 from store.records import CommitIn, FactIn, Origin
 
@@ -20,13 +20,13 @@ def fact(prompt: str = "The capital of France is", target: str = "Lyon", **field
 def add(session: Session, *facts: FactIn, source: str = "inbox") -> list[int]:
     """Add facts (one origin line each) and return their ids."""
     items = [(f, origin(source, position=f"line {i + 1}")) for i, f in enumerate(facts)]
-    return list(ledger.add_facts(session=session, items=items).fact_ids)
+    return list(intake.add_facts(session=session, items=items).fact_ids)
 
 
 def commit(session: Session, *fact_ids: int) -> int:
     """Claim exactly these pending facts and commit them; returns the new version."""
-    ledger.transition(session=session, fact_ids=list(fact_ids), to=FactStatus.EDITING)
-    return ledger.record_commit(session=session, commit=CommitIn(fact_ids=tuple(fact_ids))).version
+    states.transition(session=session, fact_ids=list(fact_ids), to=FactStatus.EDITING)
+    return commits.record_commit(session=session, commit=CommitIn(fact_ids=tuple(fact_ids))).version
 
 
 def status_of(session: Session, fact_id: int) -> FactStatus:
@@ -47,11 +47,11 @@ def make_fact_in(session: Session, status: FactStatus, prompt: str = "p") -> int
     }
     if status in path:
         for step in path[status]:
-            ledger.transition(session=session, fact_ids=[fid], to=step, error="x")
+            states.transition(session=session, fact_ids=[fid], to=step, error="x")
         return fid
     commit(session, fid)
     if status is FactStatus.REVERTED:
-        ledger.revert_last(session=session, count=1, reason=None, requested_by="test")
+        commits.revert_last(session=session, count=1, reason=None, requested_by="test")
     elif status is FactStatus.SUPERSEDED:
         (newer,) = add(session, fact(prompt, "t2"))
         commit(session, newer)

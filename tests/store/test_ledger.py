@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from store import ledger
+from store import intake, states
 from store.errors import InvalidFact, LedgerError, UnknownSource
 from store.models import Fact, FactOrigin, FactStatus, Rejection, Source
 from store.records import FactIn, Locality, RejectionIn
@@ -29,7 +29,7 @@ def test_add_facts_stores_normalised_fields_and_provenance(session: Session) -> 
         external_id="r1",
         observed_at=observed,
     )
-    result = ledger.add_facts(session=session, items=[(item, origin("feed:x", "https://x/feed", "guid-1"))])
+    result = intake.add_facts(session=session, items=[(item, origin("feed:x", "https://x/feed", "guid-1"))])
     assert (result.accepted, result.duplicates, result.superseded) == (1, 0, 0)
     stored = session.get(Fact, result.fact_ids[0])
     assert stored is not None
@@ -46,13 +46,13 @@ def test_add_facts_stores_normalised_fields_and_provenance(session: Session) -> 
         "guid-1",
         "r1",
     )
-    source = ledger.get_source(session=session, name="feed:x")
-    assert source is not None and source.kind == ledger.ADHOC_SOURCE_KIND and source.id == stored.source_id
+    source = intake.get_source(session=session, name="feed:x")
+    assert source is not None and source.kind == intake.ADHOC_SOURCE_KIND and source.id == stored.source_id
 
 
 def test_duplicate_from_two_sources_is_stored_once_with_both_origins(session: Session) -> None:
-    first = ledger.add_facts(session=session, items=[(fact(), origin("inbox", "a.jsonl", "line 3"))])
-    again = ledger.add_facts(
+    first = intake.add_facts(session=session, items=[(fact(), origin("inbox", "a.jsonl", "line 3"))])
+    again = intake.add_facts(
         session=session,
         items=[
             (fact("The capital of  France is", "Lyon"), origin("feed:y", "https://y", "e7")),
@@ -73,14 +73,14 @@ def test_duplicate_from_two_sources_is_stored_once_with_both_origins(session: Se
 
 
 def test_duplicates_inside_one_batch_map_to_one_fact(session: Session) -> None:
-    result = ledger.add_facts(session=session, items=[(fact(), origin()), (fact(), origin(position="line 2"))])
+    result = intake.add_facts(session=session, items=[(fact(), origin()), (fact(), origin(position="line 2"))])
     assert (result.accepted, result.duplicates) == (1, 1)
     assert result.fact_ids[0] == result.fact_ids[1]
 
 
 def test_newer_target_supersedes_pending_fact(session: Session) -> None:
     (old,) = add(session, fact(target="Lyon"))
-    result = ledger.add_facts(session=session, items=[(fact(target="Marseille"), origin())])
+    result = intake.add_facts(session=session, items=[(fact(target="Marseille"), origin())])
     (new,) = result.fact_ids
     assert result.superseded == 1
     assert status_of(session, old) is FactStatus.SUPERSEDED
@@ -90,7 +90,7 @@ def test_newer_target_supersedes_pending_fact(session: Session) -> None:
 
 
 def test_supersession_within_one_batch_keeps_the_last(session: Session) -> None:
-    result = ledger.add_facts(
+    result = intake.add_facts(
         session=session,
         items=[(fact(target="A"), origin()), (fact(target="B"), origin()), (fact(target="C"), origin())],
     )
@@ -103,7 +103,7 @@ def test_supersession_within_one_batch_keeps_the_last(session: Session) -> None:
 
 
 def test_flip_flop_back_to_superseded_target_makes_a_new_fact(session: Session) -> None:
-    result = ledger.add_facts(
+    result = intake.add_facts(
         session=session,
         items=[(fact(target="A"), origin()), (fact(target="B"), origin()), (fact(target="A"), origin())],
     )
@@ -134,17 +134,17 @@ def test_repeat_of_committed_fact_supersedes_newer_pending_one(session: Session)
     (old,) = add(session, fact(target="Lyon"))
     commit(session, old)
     (new,) = add(session, fact(target="Marseille"))
-    result = ledger.add_facts(session=session, items=[(fact(target="Lyon"), origin())])
+    result = intake.add_facts(session=session, items=[(fact(target="Lyon"), origin())])
     assert result.fact_ids == (old,) and result.duplicates == 1 and result.superseded == 1
     assert status_of(session, new) is FactStatus.SUPERSEDED
 
 
 def test_repeat_of_rejected_fact_changes_nothing_else(session: Session) -> None:
     (old,) = add(session, fact(target="Lyon"))
-    ledger.transition(session=session, fact_ids=[old], to=FactStatus.EDITING)
-    ledger.transition(session=session, fact_ids=[old], to=FactStatus.REJECTED, error="gate: efficacy 0.1")
+    states.transition(session=session, fact_ids=[old], to=FactStatus.EDITING)
+    states.transition(session=session, fact_ids=[old], to=FactStatus.REJECTED, error="gate: efficacy 0.1")
     (new,) = add(session, fact(target="Marseille"))
-    result = ledger.add_facts(session=session, items=[(fact(target="Lyon"), origin())])
+    result = intake.add_facts(session=session, items=[(fact(target="Lyon"), origin())])
     assert result.fact_ids == (old,) and result.superseded == 0
     assert status_of(session, old) is FactStatus.REJECTED and status_of(session, new) is FactStatus.PENDING
 
@@ -159,12 +159,12 @@ def test_repeat_of_rejected_fact_changes_nothing_else(session: Session) -> None:
 )
 def test_invalid_fact_names_origin_and_writes_nothing(session: Session, item: FactIn, message: str) -> None:
     with pytest.raises(InvalidFact, match=rf"inbox: facts.jsonl line 1: .*{message}"):
-        ledger.add_facts(session=session, items=[(fact(), origin()), (item, origin())])
+        intake.add_facts(session=session, items=[(fact(), origin()), (item, origin())])
     assert session.scalar(select(func.count()).select_from(Fact)) == 0
 
 
 def test_add_facts_empty_batch(session: Session) -> None:
-    assert ledger.add_facts(session=session, items=[]).fact_ids == ()
+    assert intake.add_facts(session=session, items=[]).fact_ids == ()
 
 
 def test_add_rejections_records_origin_excerpt_and_reason(session: Session) -> None:
@@ -172,37 +172,37 @@ def test_add_rejections_records_origin_excerpt_and_reason(session: Session) -> N
         RejectionIn(origin=origin("inbox", "bad.jsonl", "line 4"), excerpt='{"prompt": ""}', reason="prompt: empty"),
         RejectionIn(origin=origin("feed:z", "https://z", "e1"), excerpt="x" * 5000, reason="not JSON"),
     ]
-    assert ledger.add_rejections(session=session, items=items) == 2
+    assert intake.add_rejections(session=session, items=items) == 2
     rows = session.execute(select(Source.name, Rejection).join(Source).order_by(Rejection.id)).all()
     assert [(name, r.location, r.position, r.reason) for name, r in rows] == [
         ("inbox", "bad.jsonl", "line 4", "prompt: empty"),
         ("feed:z", "https://z", "e1", "not JSON"),
     ]
-    assert len(rows[1][1].excerpt) == ledger.MAX_EXCERPT_CHARS
-    assert ledger.add_rejections(session=session, items=[]) == 0
+    assert len(rows[1][1].excerpt) == intake.MAX_EXCERPT_CHARS
+    assert intake.add_rejections(session=session, items=[]) == 0
 
 
 def test_ensure_source_upserts_and_resets_poll_state_when_location_changes(session: Session) -> None:
-    created = ledger.ensure_source(session=session, name="feed:r", kind="rss", location="https://r/1")
-    ledger.update_source_poll_state(session=session, name="feed:r", etag='"e1"', cursor="12", ok=True)
-    same = ledger.ensure_source(session=session, name="feed:r", kind="rss", location="https://r/1")
+    created = intake.ensure_source(session=session, name="feed:r", kind="rss", location="https://r/1")
+    intake.update_source_poll_state(session=session, name="feed:r", etag='"e1"', cursor="12", ok=True)
+    same = intake.ensure_source(session=session, name="feed:r", kind="rss", location="https://r/1")
     assert same.id == created.id and same.etag == '"e1"' and same.cursor == "12"
-    moved = ledger.ensure_source(session=session, name="feed:r", kind="atom", location="https://r/2")
+    moved = intake.ensure_source(session=session, name="feed:r", kind="atom", location="https://r/2")
     assert (moved.kind, moved.location, moved.etag, moved.cursor) == ("atom", "https://r/2", None, None)
 
 
 def test_poll_state_tracks_health_and_keeps_unspecified_fields(session: Session) -> None:
-    ledger.ensure_source(session=session, name="s", kind="jsonl", location="/x")
-    ledger.update_source_poll_state(session=session, name="s", etag="E", last_modified="LM", cursor="10", ok=True)
-    ledger.update_source_poll_state(session=session, name="s", ok=False, error="HTTP 503 from https://x")
-    ledger.update_source_poll_state(session=session, name="s", ok=False, error=None)
-    source = ledger.get_source(session=session, name="s")
+    intake.ensure_source(session=session, name="s", kind="jsonl", location="/x")
+    intake.update_source_poll_state(session=session, name="s", etag="E", last_modified="LM", cursor="10", ok=True)
+    intake.update_source_poll_state(session=session, name="s", ok=False, error="HTTP 503 from https://x")
+    intake.update_source_poll_state(session=session, name="s", ok=False, error=None)
+    source = intake.get_source(session=session, name="s")
     assert source is not None
     assert (source.etag, source.last_modified, source.cursor) == ("E", "LM", "10")
     assert (source.consecutive_failures, source.healthy) == (2, False)
     assert source.last_error == "poll failed (no error message given)"
     first_success = source.last_success_at
-    ledger.update_source_poll_state(session=session, name="s", cursor=None, ok=True)
+    intake.update_source_poll_state(session=session, name="s", cursor=None, ok=True)
     assert (source.consecutive_failures, source.healthy, source.cursor) == (0, True, None)
     assert source.last_success_at is not None and first_success is not None
     assert source.last_success_at >= first_success
@@ -210,8 +210,8 @@ def test_poll_state_tracks_health_and_keeps_unspecified_fields(session: Session)
 
 def test_poll_state_of_unknown_source_is_an_error(session: Session) -> None:
     with pytest.raises(UnknownSource, match="'nope'"):
-        ledger.update_source_poll_state(session=session, name="nope", ok=True)
-    assert ledger.get_source(session=session, name="nope") is None
+        intake.update_source_poll_state(session=session, name="nope", ok=True)
+    assert intake.get_source(session=session, name="nope") is None
 
 
 def test_facts_are_durable_after_commit(session_factory) -> None:  # type: ignore[no-untyped-def]
@@ -245,12 +245,12 @@ def test_bulk_inserted_values_are_stored_as_the_orm_stores_them(session: Session
 @pytest.mark.parametrize(("name", "kind"), [("", "rss"), ("x" * 201, "rss"), ("feed", " "), ("feed", "k" * 41)])
 def test_source_names_and_kinds_are_checked(session: Session, name: str, kind: str) -> None:
     with pytest.raises(LedgerError, match="must be 1 to"):
-        ledger.ensure_source(session=session, name=name, kind=kind, location="/x")
+        intake.ensure_source(session=session, name=name, kind=kind, location="/x")
 
 
 def test_fact_from_an_unnamed_source_is_refused(session: Session) -> None:
     with pytest.raises(LedgerError, match="source name '' must be 1 to 200 characters"):
-        ledger.add_facts(session=session, items=[(fact(), origin(source=""))])
+        intake.add_facts(session=session, items=[(fact(), origin(source=""))])
 
 
 def test_json_columns_hold_the_text_json_dumps_writes(session: Session) -> None:
@@ -271,7 +271,7 @@ def test_json_columns_hold_the_text_json_dumps_writes(session: Session) -> None:
 
 def test_stored_facts_superseded_by_different_newer_facts_in_one_batch(session: Session) -> None:
     old_p, old_q, old_r = add(session, fact("p", "A"), fact("q", "A"), fact("r", "A"))
-    result = ledger.add_facts(
+    result = intake.add_facts(
         session=session,
         items=[(fact("p", "B"), origin()), (fact("q", "B"), origin()), (fact("q", "C"), origin())],
     )
@@ -298,9 +298,9 @@ def test_stored_facts_superseded_by_different_newer_facts_in_one_batch(session: 
 
 def test_supersession_of_a_fact_claimed_meanwhile_is_refused(session: Session) -> None:
     (old,) = add(session, fact(target="A"))
-    ledger.transition(session=session, fact_ids=[old], to=FactStatus.EDITING)
+    states.transition(session=session, fact_ids=[old], to=FactStatus.EDITING)
     # An editing fact is live: the newer target is a new fact, and the editing one is left alone.
-    result = ledger.add_facts(session=session, items=[(fact(target="B"), origin())])
+    result = intake.add_facts(session=session, items=[(fact(target="B"), origin())])
     assert result.superseded == 0 and status_of(session, old) is FactStatus.EDITING
 
 
@@ -324,19 +324,19 @@ def test_observed_at_is_stored_in_utc_on_the_fact_and_every_origin(session: Sess
 
 
 def test_sources_first_seen_in_a_batch_are_created_in_order_with_their_first_location(session: Session) -> None:
-    ledger.ensure_source(session=session, name="known", kind="jsonl", location="/known")
+    intake.ensure_source(session=session, name="known", kind="jsonl", location="/known")
     items = [
         (fact("p1"), origin("feed:b", "https://b/1")),
         (fact("p2"), origin("known", "/elsewhere")),
         (fact("p3"), origin("feed:a", "https://a/1")),
         (fact("p4"), origin("feed:b", "https://b/2")),
     ]
-    ids = ledger.add_facts(session=session, items=items).fact_ids
+    ids = intake.add_facts(session=session, items=items).fact_ids
     sources = session.execute(select(Source.name, Source.kind, Source.location).order_by(Source.id)).all()
     assert [tuple(s) for s in sources] == [
         ("known", "jsonl", "/known"),
-        ("feed:b", ledger.ADHOC_SOURCE_KIND, "https://b/1"),
-        ("feed:a", ledger.ADHOC_SOURCE_KIND, "https://a/1"),
+        ("feed:b", intake.ADHOC_SOURCE_KIND, "https://b/1"),
+        ("feed:a", intake.ADHOC_SOURCE_KIND, "https://a/1"),
     ]
     by_name = {name: sid for sid, name in session.execute(select(Source.id, Source.name))}
     session.expire_all()

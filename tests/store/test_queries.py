@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy.orm import Session
 
-from store import ledger
+from store import commits, intake, work
 from store.errors import UnknownFact, UnknownSource, UnknownVersion
 from store.models import FactStatus
 from store.queries import commit_detail, export_facts, fact_detail, find_facts, list_reverts, status_summary
@@ -18,7 +18,7 @@ def test_status_summary_counts_by_status_and_by_every_source(session: Session) -
     (a,) = add(session, fact("a", "1"), source="inbox")
     add(session, fact("a", "1"), fact("b", "2"), source="feed:x")
     commit(session, a)
-    ledger.update_source_poll_state(session=session, name="feed:x", ok=False, error="HTTP 500")
+    intake.update_source_poll_state(session=session, name="feed:x", ok=False, error="HTTP 500")
     summary = status_summary(session)
     assert summary.by_status["committed"] == 1 and summary.by_status["pending"] == 1
     assert summary.by_status["rejected"] == 0
@@ -33,8 +33,8 @@ def test_fact_detail_lists_every_arrival_and_commit(session: Session) -> None:
     (a,) = add(session, fact(), source="inbox")
     add(session, fact(), source="feed:y")
     version = commit(session, a)
-    ledger.revert_to(session=session, to_version=0, reason="test", requested_by="t")
-    ledger.requeue(session=session, fact_ids=[a])
+    commits.revert_to(session=session, to_version=0, reason="test", requested_by="t")
+    work.requeue(session=session, fact_ids=[a])
     again = commit(session, a)
     detail = fact_detail(session, a)
     assert [o.source for o in detail.origins] == ["inbox", "feed:y"]

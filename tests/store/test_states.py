@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import Session
 
-from store import ledger
+from store import states
 from store.errors import IllegalTransition, LedgerError, UnknownFact
 from store.models import Fact, FactStatus
 from store.states import LEGAL_TRANSITIONS, is_legal
@@ -52,13 +52,13 @@ def test_every_edge_from(session: Session, current: FactStatus) -> None:
             "commit_version": version,
         }
         if (current, target) in EXPECTED_EDGES:
-            assert ledger.transition(**call) == 1  # type: ignore[arg-type]
+            assert states.transition(**call) == 1  # type: ignore[arg-type]
             assert status_of(session, fid) is target, f"{current} -> {target}"
         else:
             with pytest.raises(
                 IllegalTransition, match=f"cannot move to {target.value}: fact {fid} is {current.value}"
             ):
-                ledger.transition(**call)  # type: ignore[arg-type]
+                states.transition(**call)  # type: ignore[arg-type]
             assert status_of(session, fid) is current
         savepoint.rollback()
 
@@ -67,16 +67,16 @@ def test_transition_is_all_or_nothing(session: Session) -> None:
     pending, committed = add(session, fact("p1", "t")), add(session, fact("p2", "t"))
     commit(session, *committed)
     with pytest.raises(IllegalTransition, match=f"fact {committed[0]} is committed"):
-        ledger.transition(session=session, fact_ids=pending + committed, to=S.EDITING)
+        states.transition(session=session, fact_ids=pending + committed, to=S.EDITING)
     assert status_of(session, pending[0]) is S.PENDING
 
 
 def test_side_effects(session: Session) -> None:
     (fid,) = add(session, fact())
-    ledger.transition(session=session, fact_ids=[fid], to=S.EDITING)
-    ledger.transition(session=session, fact_ids=[fid], to=S.FAILED, error="CUDA out of memory")
-    ledger.transition(session=session, fact_ids=[fid], to=S.PENDING)
-    ledger.transition(session=session, fact_ids=[fid], to=S.EDITING)
+    states.transition(session=session, fact_ids=[fid], to=S.EDITING)
+    states.transition(session=session, fact_ids=[fid], to=S.FAILED, error="CUDA out of memory")
+    states.transition(session=session, fact_ids=[fid], to=S.PENDING)
+    states.transition(session=session, fact_ids=[fid], to=S.EDITING)
     row = session.get(Fact, fid)
     assert row is not None
     assert (row.attempts, row.last_error, row.status) == (2, "CUDA out of memory", S.EDITING)
@@ -96,12 +96,12 @@ def test_missing_side_effect_arguments_are_refused(
 ) -> None:
     (fid,) = add(session, fact())
     if to is not S.SUPERSEDED:
-        ledger.transition(session=session, fact_ids=[fid], to=S.EDITING)
+        states.transition(session=session, fact_ids=[fid], to=S.EDITING)
     with pytest.raises(LedgerError, match=message):
-        ledger.transition(session=session, fact_ids=[fid], to=to, **kwargs)  # type: ignore[arg-type]
+        states.transition(session=session, fact_ids=[fid], to=to, **kwargs)  # type: ignore[arg-type]
 
 
 def test_unknown_fact_and_empty_list(session: Session) -> None:
     with pytest.raises(UnknownFact, match="no fact with id 999"):
-        ledger.transition(session=session, fact_ids=[999], to=S.EDITING)
-    assert ledger.transition(session=session, fact_ids=[], to=S.EDITING) == 0
+        states.transition(session=session, fact_ids=[999], to=S.EDITING)
+    assert states.transition(session=session, fact_ids=[], to=S.EDITING) == 0

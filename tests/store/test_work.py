@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from store import ledger
+from store import commits, states, work
 from store.db import make_engine, make_session_factory
 from store.errors import IllegalTransition, LedgerError
 from store.models import Fact, FactOrigin, FactStatus
@@ -19,13 +19,13 @@ from tests.store.factories import add, commit, fact, status_of
 
 def test_claim_pending_takes_oldest_first_and_counts_attempts(session: Session) -> None:
     ids = add(session, *(fact(f"p{i}", "t") for i in range(5)))
-    claimed = ledger.claim_pending(session=session, limit=3)
+    claimed = work.claim_pending(session=session, limit=3)
     assert [f.id for f in claimed] == ids[:3]
     assert all(f.status is FactStatus.EDITING and f.attempts == 1 for f in claimed)
-    assert [f.id for f in ledger.claim_pending(session=session, limit=10)] == ids[3:]
-    assert ledger.claim_pending(session=session, limit=10) == []
+    assert [f.id for f in work.claim_pending(session=session, limit=10)] == ids[3:]
+    assert work.claim_pending(session=session, limit=10) == []
     with pytest.raises(LedgerError, match="limit >= 1"):
-        ledger.claim_pending(session=session, limit=0)
+        work.claim_pending(session=session, limit=0)
 
 
 def _claimer(url: str, start: Any, results: Any) -> None:
@@ -36,7 +36,7 @@ def _claimer(url: str, start: Any, results: Any) -> None:
     try:
         while True:
             with factory() as session, session.begin():
-                claimed = [f.id for f in ledger.claim_pending(session=session, limit=7)]
+                claimed = [f.id for f in work.claim_pending(session=session, limit=7)]
             if not claimed:
                 break
             mine.extend(claimed)
@@ -103,38 +103,38 @@ def test_two_processes_adding_the_same_facts_store_each_once(
 
 def test_reset_stuck_editing_returns_claimed_facts_to_pending(session: Session) -> None:
     ids = add(session, fact("a", "1"), fact("b", "2"), fact("c", "3"))
-    ledger.claim_pending(session=session, limit=2)
-    assert ledger.reset_stuck_editing(session=session) == ids[:2]
+    work.claim_pending(session=session, limit=2)
+    assert work.reset_stuck_editing(session=session) == ids[:2]
     assert [status_of(session, i) for i in ids] == [FactStatus.PENDING] * 3
-    assert ledger.reset_stuck_editing(session=session) == []
+    assert work.reset_stuck_editing(session=session) == []
 
 
 def test_requeue_by_ids_and_by_status(session: Session) -> None:
     ids = add(session, fact("a", "1"), fact("b", "2"), fact("c", "3"))
-    ledger.claim_pending(session=session, limit=3)
-    ledger.transition(session=session, fact_ids=ids[:2], to=FactStatus.FAILED, error="boom")
-    ledger.transition(session=session, fact_ids=ids[2:], to=FactStatus.REJECTED, error="gate")
-    assert ledger.requeue(session=session, status=FactStatus.FAILED) == ids[:2]
-    assert ledger.requeue(session=session, fact_ids=[ids[2]]) == [ids[2]]
+    work.claim_pending(session=session, limit=3)
+    states.transition(session=session, fact_ids=ids[:2], to=FactStatus.FAILED, error="boom")
+    states.transition(session=session, fact_ids=ids[2:], to=FactStatus.REJECTED, error="gate")
+    assert work.requeue(session=session, status=FactStatus.FAILED) == ids[:2]
+    assert work.requeue(session=session, fact_ids=[ids[2]]) == [ids[2]]
     assert [status_of(session, i) for i in ids] == [FactStatus.PENDING] * 3
 
 
 def test_requeue_refuses_other_states_and_bad_arguments(session: Session) -> None:
     (pending,) = add(session, fact())
     with pytest.raises(IllegalTransition, match=f"fact {pending} is pending"):
-        ledger.requeue(session=session, fact_ids=[pending])
+        work.requeue(session=session, fact_ids=[pending])
     with pytest.raises(LedgerError, match="cannot requeue facts in status committed"):
-        ledger.requeue(session=session, status=FactStatus.COMMITTED)
+        work.requeue(session=session, status=FactStatus.COMMITTED)
     with pytest.raises(LedgerError, match="either fact ids or a status"):
-        ledger.requeue(session=session)
+        work.requeue(session=session)
 
 
 def test_requeued_fact_supersedes_pending_fact_for_same_prompt(session: Session) -> None:
     (old,) = add(session, fact(target="Lyon"))
     version = commit(session, old)
-    ledger.revert_to(session=session, to_version=version - 1, reason=None, requested_by="test")
+    commits.revert_to(session=session, to_version=version - 1, reason=None, requested_by="test")
     (other,) = add(session, fact(target="Nice"))
-    assert ledger.requeue(session=session, fact_ids=[old]) == [old]
+    assert work.requeue(session=session, fact_ids=[old]) == [old]
     assert status_of(session, other) is FactStatus.SUPERSEDED
     row = session.get(Fact, other)
     assert row is not None and row.superseded_by_id == old

@@ -1,0 +1,115 @@
+"""Export the model at a version as a standard Hugging Face model directory (safetensors, config, tokenizer).
+
+The directory loads with plain `transformers.AutoModelForCausalLM.from_pretrained(dir)` (and so in
+vLLM or TGI) and holds exactly the weights the daemon's model has at that version: the edited
+modules' published weights (masters rounded once to the model's dtype), every other tensor as loaded.
+It is written into a temporary directory next to `out_dir` and renamed into place, so a crash never
+leaves a half-written export under the final name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from editing.errors import EditingError
+from editing.model.loading import LoadedModel
+from editing.state.weights import StagedWeights, WeightState
+
+WEIGHTS_NAME = "model.safetensors"
+EXPORT_INFO_NAME = "ked-export.json"
+
+
+class ExportError(EditingError):
+    """The model cannot be exported to the directory given."""
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where the export went and what it holds."""
+
+    out_dir: Path
+    version: int
+    weights_sha256: str
+    tensors: int
+
+
+def _stored_form(module: nn.Module, in_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An (in, out) tensor in the layout the module stores (Linear: (out, in); Conv1D: (in, out))."""
+    tensor = in_out.t() if isinstance(module, nn.Linear) else in_out
+    return tensor.to("cpu", dtype).contiguous()
+
+
+def _state_dict(model: nn.Module, state: WeightState, staged: StagedWeights | None) -> dict[str, torch.Tensor]:
+    """Every persistent tensor once (tied weights under their first name), with the version's edited weights."""
+    replaced = {}
+    if staged is not None:
+        replaced = {f"{name}.weight": _stored_form(module, staged.masters[name], state.dtype) for name, module in state.modules.items()}
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if identity in seen:  # a tied weight (e.g. lm_head = embed_tokens): transformers re-ties it on load
+            continue
+        seen.add(identity)
+        out[key] = replaced.get(key, tensor.detach().to("cpu", copy=True).contiguous())
+    return out
+
+
+def _write_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    config: Any = copy.deepcopy(model.config)
+    # A GGUF-loaded model still carries its quantisation config, but its tensors are plain floats now.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    generation: Any = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+
+
+def export_model(
+    loaded: LoadedModel, state: WeightState, out_dir: Path, *, staged: StagedWeights | None = None
+) -> ExportInfo:
+    """Write the model at the live version (or at `staged`, e.g. from `ModelHistory.stage_version`) to `out_dir`.
+
+    `out_dir` must not exist or be empty. The live weights are read under the state's read lock, so
+    an edit published meanwhile never mixes into the export. Raises ExportError.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} exists and is not an empty directory; choose a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        with state.reading() as live_version:
+            tensors = _state_dict(loaded.model, state, staged)
+            version = staged.version if staged is not None else live_version
+            weights_sha256 = staged.weights_sha256 if staged is not None else state.weights_sha256()
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_config(loaded.model, tmp, state.dtype)
+        loaded.tokenizer.save_pretrained(str(tmp))
+        info = {
+            "version": version,
+            "weights_sha256": weights_sha256,
+            "base_fingerprint": loaded.fingerprint,
+            "edited_modules": state.module_names,
+            "source": loaded.source,
+        }
+        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportInfo(out_dir, version, weights_sha256, len(tensors))
