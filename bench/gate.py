@@ -1,27 +1,42 @@
 """Gated against ungated lifelong editing of SmolLM2-135M-Instruct over the ZsRE dev stream.
 
 Two runs from the same base model with the same trained EMSEdit editor, editing the first `--facts`
-ZsRE dev facts in sequential batches of `--batch-size`, committed exactly as the daemon commits
-(`GatedEditor.edit` -> `ModelHistory.commit` of `result.prepared` into a temporary artefact store,
-which publishes the weights and hands the plan's normaliser statistics to the editor):
+ZsRE dev facts in batches of `--batch-size`. Each run is the daemon's own edit loop
+(`daemon.edit_loop.EditLoop.run_batch`) on a temporary state directory and SQLite ledger: the facts are
+added to the ledger as pending facts (`store.intake.add_facts`), and the bench calls `run_batch` until no
+fact is pending, the loop pauses (a blocked batch: the live model already fails the gate), or
+`--max-batches` (default: four passes over the facts) is reached. Claim order and batch sizes, retries
+(with the daemon's stronger retry signal), the commit protocol and the settling of every fact are the
+daemon's; the bench reads what happened from the ledger (fact states and attempts, the gate's record of every
+batch) and from each `BatchReport`.
 
-- `gated`: the default `GateConfig`. Facts the gate rejects or that run out of retries are not applied;
-  facts sent back (`retry`, `deferred`) go back to the pending queue and, like the daemon's oldest-first
-  claim, lead the next batch (deferred facts go after the never-deferred ones, and a fact deferred
-  twice is dropped; three blocked batches in a row end the run, the rest counted as not applied).
-- `ungated`: the same with `enabled = False`: every batch commits unchecked. The checker still measures
-  each batch once (that is how `Gate.decide` works with the gate off), which gives the drift curve.
+- `gated`: the default `GateConfig`. Facts the gate rejects or that run out of retries stay out; facts
+  sent back (`retry`, `deferred`) are pending again and claimed again oldest first (those that missed
+  efficacy in batches of their own, of at most `retry_batch_size`).
+- `ungated`: the same loop with `enabled = False`: every batch commits unchecked. The checker still
+  measures each batch once (that is how `Gate.decide` works with the gate off), which gives the drift curve.
+
+The loop's periodic probes and drift policy are not run (they would pause or revert the ungated run):
+the bench runs the probe suite on its own schedule and reports what the drift policy would do.
 
 Reported per run: on the final model, efficacy (teacher-forced token accuracy of every fact's target on
 its prompt, all facts and only the committed ones), generalisation (paraphrases), retention (top-1
 agreement with the unedited model on the facts' locality prompts, `editing.model.edit_metrics.evaluate_examples`),
 the locality prompts' gold-answer accuracy, the periodic GLUE-style probes (pooled accuracy, the base
 model's, flip rate and what the drift policy would do; also every `--probe-every` batches), fact
-counts by outcome, and per batch the edit and check seconds (wall and CPU) and their ratio.
+counts by outcome and each fact's attempts (the ledger's state and claim count; a fact still pending
+counts as `not_applied_<its last gate outcome>`), and per batch the edit and check seconds (wall and
+CPU) and their ratio, timed by wrapping the editor's `propose`, the loop's checker and the history's
+commit (the ledger keeps no per-phase times).
 
-    .venv/bin/python bench/gate.py                        # both runs, 512 facts, batches of 16
-    .venv/bin/python bench/gate.py --facts 64 --probe-every 0 --out /tmp/gate-quick.json
-    .venv/bin/python bench/gate.py --runs ungated         # one run; gate.json collects all finished runs
+`--calibrate-batches` commits held-out zsre_train batches with the same loop, gate off.
+
+    .venv/bin/python -m bench.gate                        # both runs, 512 facts, batches of 16
+    .venv/bin/python -m bench.gate --facts 64 --probe-every 0 --out /tmp/gate-quick.json
+    .venv/bin/python -m bench.gate --runs ungated         # one run; gate.json collects all finished runs
+
+Run it with -m from the repository root: as `python bench/gate.py` this file's folder would come first
+on sys.path, and bench/ingest.py would shadow the `ingest` package the daemon imports.
 
 Every batch is saved to `bench/results/tmp/gate-<run>.json` (git-ignored) as it finishes; `gate.json`
 and `gate.md` are assembled from the finished runs made with the same settings.
@@ -37,14 +52,24 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from prometheus_client import CollectorRegistry
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.bootstrap import open_ledger, open_model_state
+from daemon.config import Settings
+from daemon.edit_loop import BatchReport, EditLoop
+from daemon.metrics import Metrics
+from daemon.service_state import ServiceState
 from editing.config import EditorConfig, ModelConfig
 from editing.data import EditExample, examples_hash, load_examples, load_zsre
 from editing.engine.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_editor, load_checkpoint
@@ -57,9 +82,13 @@ from editing.gate.probes import DriftPolicy, ProbeSuite
 from editing.gate.specificity import FrozenBase, ReferenceStore
 from editing.model.edit_metrics import EvaluationResult, evaluate_examples
 from editing.model.loading import LoadedModel, file_sha256, load_model
-from editing.state.history import ModelHistory
 from editing.state.weights import WeightState
-from store.artefacts import ArtefactStore
+from store import intake
+from store.config import StoreConfig
+from store.db import make_session_factory
+from store.models import Fact, FactStatus, ProbeKind, ProbeRun
+from store.records import FactIn, Locality, Origin
+from store.work import pending_backlog
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -68,8 +97,16 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_EDITOR = ROOT / ".cache" / "editors" / "emsedit-zsre"
 CACHE = ROOT / ".cache"
 RUNS = ("gated", "ungated", "tuned")
-MAX_DEFERRALS = 2
-MAX_BLOCKED_IN_A_ROW = 3
+#: what a batch record keeps of each fact's gate numbers
+OUTCOME_NUMBERS = ("efficacy", "agreement", "mean_kl", "batch_agreement", "batch_mean_kl")
+#: the loop's summary of a batch's gate verdict (a gate run's scores in the ledger) -> batch record key, digits
+GATE_SCORES = {
+    "efficacy": ("gate_efficacy", 4),
+    "agreement": ("agreement", 4),
+    "mean_kl": ("mean_kl", 5),
+    "batch_agreement": ("batch_agreement", 4),
+    "batch_mean_kl": ("batch_mean_kl", 5),
+}
 
 
 def load1() -> float:
@@ -88,16 +125,18 @@ class Clock:
 
 @dataclass
 class Calls:
-    """Wall and CPU seconds of every call of a wrapped method (reset per batch)."""
+    """Wall and CPU seconds of every call of a wrapped method, and its last return value (reset per batch)."""
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    last: Any = None
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             clock = Clock()
             try:
-                return fn(*args, **kwargs)
+                self.last = fn(*args, **kwargs)
+                return self.last
             finally:
                 spent = clock.read()
                 self.wall.append(spent["wall_s"])
@@ -108,22 +147,24 @@ class Calls:
     def reset(self) -> None:
         self.wall.clear()
         self.cpu.clear()
+        self.last = None
 
 
 @dataclass
 class Env:
-    """What both runs share: the model and its weight state, the editor, references, data and base scores."""
+    """What all runs share: the model, its base weight state, the editor, references, data and base scores."""
 
     args: argparse.Namespace
     loaded: LoadedModel
+    model_config: ModelConfig
+    editor_config: EditorConfig
     editor: EMSEditor
-    state: WeightState
+    state: WeightState  #: over the base weights; resets the model between runs, measures the calibration
     references: ReferenceStore
     examples: list[EditExample]
     base_eval: EvaluationResult
     base_stats: dict[str, torch.Tensor]
     proposes: Calls
-    measures: Calls
     info: dict[str, Any]
 
 
@@ -157,11 +198,13 @@ def _option(item: str) -> tuple[str, Any]:
 def setup(args: argparse.Namespace) -> Env:
     torch.manual_seed(0)
     clock = Clock()
-    loaded = load_model(ModelConfig(device="cpu"), cache_dir=CACHE / "models")
+    model_config = ModelConfig(device="cpu", cache_dir=CACHE / "models")
+    loaded = load_model(model_config, cache_dir=CACHE / "models")
     checkpoint = load_checkpoint(args.editor)
     options = dict(_option(item) for item in args.editor_option)
+    editor_config = EditorConfig(**options)
     editor = build_editor(
-        loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, EditorConfig(**options),
+        loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, editor_config,
         earlier_fingerprints=loaded.earlier_fingerprints,
     )
     names = editor.module_names
@@ -171,8 +214,8 @@ def setup(args: argparse.Namespace) -> Env:
     examples = load_zsre(args.data / "zsre" / "zsre_dev.json", limit=args.facts)
     load_seconds = clock.read()
     base_eval, base_eval_seconds = base_evaluation(loaded, examples)
-    proposes, measures = Calls(), Calls()
-    # Time every propose and every check (the gate calls them through these attributes).
+    proposes = Calls()
+    # Time every propose (the gate calls it through this attribute, in every run).
     setattr(editor, "propose", proposes.wrap(editor.propose))  # noqa: B010
     training = checkpoint.info.training
     info = {
@@ -205,34 +248,142 @@ def setup(args: argparse.Namespace) -> Env:
         "base": {k: round(v, 4) for k, v in base_eval.summary().items()},
     }
     return Env(
-        args,
-        loaded,
-        editor,
-        state,
-        references,
-        examples,
-        base_eval,
-        editor.edit_state(),
-        proposes,
-        measures,
-        info,
+        args=args,
+        loaded=loaded,
+        model_config=model_config,
+        editor_config=editor_config,
+        editor=editor,
+        state=state,
+        references=references,
+        examples=examples,
+        base_eval=base_eval,
+        base_stats=editor.edit_state(),
+        proposes=proposes,
+        info=info,
     )
 
 
 def reset_to_base(env: Env) -> None:
-    """Publish the base weights (version 0) and the editor's initial statistics."""
+    """Put the base weights back into the model and the editor's initial statistics into the editor."""
     env.state.publish(env.state.stage(0, []))
     env.editor.load_edit_state({k: v.clone() for k, v in env.base_stats.items()})
 
 
-def probe_point(env: Env, suite: ProbeSuite, policy: DriftPolicy, batch: int, committed: int) -> dict[str, Any]:
+def fact_in(example: EditExample) -> FactIn:
+    """A ZsRE example as the ledger stores a fact (`daemon.edit_loop.fact_example` is the way back)."""
+    return FactIn(
+        prompt=example.prompt,
+        target_new=example.target_new,
+        subject=example.subject,
+        ground_truth=example.target_true,
+        rephrase_prompts=tuple(example.rephrase_prompts),
+        locality=tuple(Locality(prompt, answer) for prompt, answer in example.locality),
+    )
+
+
+@dataclass
+class LoopRun:
+    """The daemon's edit loop on a temporary state directory, with timers on its editor, checker and commits."""
+
+    loop: EditLoop
+    service: ServiceState  #: the loop's pauses
+    sessions: sessionmaker[Session]
+    state: WeightState  #: the loop's live weights
+    fact_ids: list[int]  #: the ledger id of each example, in example order
+    gated: GatedEditor
+    edits: Calls = field(default_factory=Calls)  #: `GatedEditor.edit`; `last` is the batch's BatchResult
+    measures: Calls = field(default_factory=Calls)
+    commits: Calls = field(default_factory=Calls)
+    _seen_gate_run: int = 0
+
+    def example(self, fact_id: int) -> int:
+        """The (first) example a ledger fact was added for."""
+        return self.fact_ids.index(int(fact_id))
+
+    def reset(self) -> None:
+        for calls in (self.edits, self.measures, self.commits):
+            calls.reset()
+
+    def pending(self) -> int:
+        with self.sessions() as session:
+            count, _ = pending_backlog(session)
+        return count
+
+    def facts(self) -> dict[int, tuple[FactStatus, int]]:
+        """Every fact of the ledger: id -> (status, attempts)."""
+        with self.sessions() as session:
+            rows = session.execute(select(Fact.id, Fact.status, Fact.attempts)).all()
+        return {fid: (status, attempts) for fid, status, attempts in rows}
+
+    def new_gate_run(self) -> tuple[dict[str, float], dict[str, Any]]:
+        """The loop's record of the batch just run: the scores and details (`GateVerdict.to_dict`) of the
+        newest gate run not read yet; empty when the batch left none (its edit raised)."""
+        with self.sessions() as session:
+            runs = list(
+                session.scalars(
+                    select(ProbeRun)
+                    .where(ProbeRun.kind == ProbeKind.GATE, ProbeRun.id > self._seen_gate_run)
+                    .order_by(ProbeRun.id)
+                )
+            )
+        if not runs:
+            return {}, {}
+        self._seen_gate_run = runs[-1].id
+        return dict(runs[-1].scores), dict(runs[-1].details)
+
+
+def loop_settings(env: Env, gate: GateConfig, batch_size: int, state_dir: Path) -> Settings:
+    """The daemon's settings for a bench run: the loaded model and editor, `gate`, a ledger in `state_dir`."""
+    return Settings(
+        state_dir=state_dir,
+        model=env.model_config.model_copy(update={"edit_modules": list(env.editor.module_names)}),
+        editor=env.editor_config.model_copy(update={"batch_size": batch_size}),
+        gate=gate,
+        store=StoreConfig(),  # explicit, so that no KED_STORE__URL in the environment names a real ledger
+    )
+
+
+@contextmanager
+def temporary_loop(env: Env, gate: GateConfig, examples: Sequence[EditExample], batch_size: int) -> Iterator[LoopRun]:
+    """An `EditLoop` on the base model in a fresh temporary state directory, `examples` pending in its ledger."""
+    reset_to_base(env)
+    with tempfile.TemporaryDirectory(prefix="gate-bench-") as tmp:
+        settings = loop_settings(env, gate, batch_size, Path(tmp))
+        engine = open_ledger(settings)
+        try:
+            sessions = make_session_factory(engine)
+            origin = settings.state_dir.name
+            with sessions.begin() as session:
+                items = [(fact_in(e), Origin("bench", origin, f"item {i}")) for i, e in enumerate(examples)]
+                added = intake.add_facts(session=session, items=items)
+            history = open_model_state(settings, env.loaded, sessions)
+            service = ServiceState()
+            loop = EditLoop(
+                settings, sessions, history, env.loaded, env.references, Metrics(CollectorRegistry()), service,
+                threading.Event(),
+            )
+            loop.attach_editor(env.editor, f"bench-{env.info['editor']['editor_safetensors_sha256'][:12]}")
+            assert loop.gated is not None
+            run = LoopRun(loop, service, sessions, history.state, list(added.fact_ids), loop.gated)
+            # Observe-only timers: the ledger records no per-phase times.
+            setattr(run.gated, "edit", run.edits.wrap(run.gated.edit))  # noqa: B010
+            setattr(run.gated.checker, "measure", run.measures.wrap(run.gated.checker.measure))  # noqa: B010
+            setattr(history, "commit", run.commits.wrap(history.commit))  # noqa: B010
+            yield run
+        finally:
+            engine.dispose()
+
+
+def probe_point(
+    env: Env, state: WeightState, suite: ProbeSuite, policy: DriftPolicy, batch: int, committed: int
+) -> dict[str, Any]:
     clock = Clock()
-    with env.state.writing():  # the first run computes base references by swapping the base weights in
+    with state.writing():  # the first run computes base references by swapping the base weights in
         report = suite.run(env.loaded.model, env.loaded.tokenizer)
     decision = policy.decide(report)
     return {
         "batch": batch,
-        "version": env.state.version,
+        "version": state.version,
         "facts_committed": committed,
         "accuracy": report.accuracy,
         "base_accuracy": report.base_accuracy,
@@ -250,56 +401,70 @@ def _mean(values: Sequence[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
+def _sum(values: Sequence[float]) -> float:
+    return round(sum(values), 3)
+
+
+def gate_numbers(scores: dict[str, float]) -> dict[str, float]:
+    """The gate's final measurement of the committed facts, as the loop recorded it: efficacy, agreement, KL
+    (the per-batch ones against the model before the batch only when that was measured)."""
+    return {key: round(scores[name], digits) for name, (key, digits) in GATE_SCORES.items() if name in scores}
+
+
 def batch_record(
-    index: int, result: BatchResult, env: Env, clock: dict[str, float], commit_s: float, load_before: float
+    index: int,
+    report: BatchReport,
+    scores: dict[str, float],
+    verdict: dict[str, Any],
+    run: LoopRun,
+    env: Env,
+    clock: dict[str, float],
+    load_before: float,
 ) -> dict[str, Any]:
-    verdict = result.verdict
-    counts: dict[str, int] = {}
-    for outcome in verdict.outcomes:
-        counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    edit_s = result.edit_seconds
-    check_s = result.phases.get("check", 0.0)
-    final = verdict.final
-    committed = set(verdict.committed)
+    """One batch: the gate run the loop recorded for it (`scores`, `verdict`), its report and the timers."""
+    outcomes = verdict.get("outcomes", [])
+    result: BatchResult | None = run.edits.last
+    phases = result.phases if result is not None else {}
+    edit_s = result.edit_seconds if result is not None else 0.0
+    check_s = phases.get("check", 0.0)
+    proposes, measures = env.proposes, run.measures
     record: dict[str, Any] = {
         "batch": index,
-        "statuses": counts,
-        "version": env.state.version,
-        "gate_edits": verdict.edits,
-        "blocked": verdict.blocked is not None,
+        "statuses": _count(o["status"] for o in outcomes),
+        "version": run.state.version,
+        "gate_edits": verdict.get("edits", 0),
+        "blocked": verdict.get("blocked") is not None,
         "edit_s": round(edit_s, 3),
         "check_s": round(check_s, 3),
         "check_over_edit": round(check_s / edit_s, 4) if edit_s else None,
-        "proposes": len(env.proposes.wall),
-        "first_propose_s": env.proposes.wall[0] if env.proposes.wall else None,
-        "propose_cpu_s": round(sum(env.proposes.cpu), 3),
-        "measures": len(env.measures.wall),
-        "check_cpu_s": round(sum(env.measures.cpu), 3),
-        "check_over_edit_cpu": (
-            round(sum(env.measures.cpu) / sum(env.proposes.cpu), 4) if sum(env.proposes.cpu) else None
-        ),
-        "commit_s": round(commit_s, 3),
+        "proposes": len(proposes.wall),
+        "first_propose_s": proposes.wall[0] if proposes.wall else None,
+        "propose_cpu_s": _sum(proposes.cpu),
+        "measures": len(measures.wall),
+        "check_cpu_s": _sum(measures.cpu),
+        "check_over_edit_cpu": round(sum(measures.cpu) / sum(proposes.cpu), 4) if sum(proposes.cpu) else None,
+        "commit_s": _sum(run.commits.wall),
         "load1_before": load_before,
         "load1_after": load1(),
         **clock,
     }
-    if final is not None:
-        record["gate_efficacy"] = _mean([final.efficacy[k] for k in final.efficacy if k in committed])
-        record["agreement"] = round(final.specificity.agreement, 4)
-        record["mean_kl"] = round(final.specificity.mean_kl, 5)
-        if final.marginal is not None:  # against the model before the batch (measured when the base fails)
-            record["batch_agreement"] = round(final.marginal.agreement, 4)
-            record["batch_mean_kl"] = round(final.marginal.mean_kl, 5)
-    record["pre_batch_measured"] = verdict.pre_batch is not None
-    keys = ("efficacy", "agreement", "mean_kl", "batch_agreement", "batch_mean_kl")
+    record |= gate_numbers(scores)
+    record["pre_batch_measured"] = verdict.get("pre_batch") is not None
     record["outcomes"] = [
-        {"fact": int(o.key), "status": o.status[0]}
-        | {k: round(float(o.numbers[k]), 4) for k in keys if k in o.numbers}
-        for o in verdict.outcomes
+        {"fact": run.example(o["fact"]), "status": o["status"][0]}
+        | {k: round(float(o["numbers"][k]), 4) for k in OUTCOME_NUMBERS if k in o["numbers"]}
+        for o in outcomes
     ]
-    if result.plan is not None and result.plan.steps:
+    if report.version is not None and result is not None and result.plan is not None and result.plan.steps:
         record["edit_loss"] = [round(s.edit_loss, 4) for s in result.plan.steps]
     return record
+
+
+def _count(values: Iterator[str] | Sequence[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
 
 
 def final_scores(env: Env, committed: set[int]) -> dict[str, Any]:
@@ -327,19 +492,22 @@ def final_scores(env: Env, committed: set[int]) -> dict[str, Any]:
     }
 
 
+def fact_outcomes(run: LoopRun, last_outcome: dict[int, str]) -> tuple[list[str], list[int]]:
+    """Each example's end state in the ledger (a pending one: `not_applied_<its last gate outcome>`) and attempts."""
+    facts = run.facts()
+    status, attempts = [], []
+    for i, fid in enumerate(run.fact_ids):
+        state, tries = facts[fid]
+        status.append(state.value if state != FactStatus.PENDING else "not_applied_" + last_outcome.get(i, "never_tried"))
+        attempts.append(tries)
+    return status, attempts
+
+
 def run_stream(env: Env, name: str, config: GateConfig, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """One run over the stream; `save(partial)` after every batch and probe run."""
-    reset_to_base(env)
+    """One run of the edit loop over the stream; `save(partial)` after every batch and probe run."""
     args = env.args
-    checker = BatchChecker.from_config(config, env.references)
-    setattr(checker, "measure", env.measures.wrap(checker.measure))  # noqa: B010
-    gated = GatedEditor(env.editor, env.state, Gate(config), checker)
     suite = ProbeSuite.from_config(config, env.references)
     policy = DriftPolicy(config)
-    pending: dict[int, GateFact] = {i: GateFact(i, e) for i, e in enumerate(env.examples)}
-    deferrals: dict[int, int] = {}
-    status: dict[int, str] = {}
-    attempts: dict[int, int] = {}
     out: dict[str, Any] = {
         "run": name,
         "gate": config.model_dump(mode="json"),
@@ -350,84 +518,54 @@ def run_stream(env: Env, name: str, config: GateConfig, save: Callable[[dict[str
     }
     run_clock = Clock()
     max_batches = args.max_batches or 4 * -(-len(env.examples) // args.batch_size)
-    blocked_in_a_row = 0
-    with tempfile.TemporaryDirectory(prefix="gate-bench-") as tmp:
-        history = ModelHistory(
-            env.state,
-            ArtefactStore(Path(tmp)),
-            editor=env.editor,
-            fingerprint=env.loaded.fingerprint,
-            snapshot_every=0,
-            retention_commits=None,
-        )
-        history.open({})
-        index = 0
-        while pending and index < max_batches:
+    with temporary_loop(env, config, env.examples, args.batch_size) as run:
+        last_outcome: dict[int, str] = {}  # example -> its last gate outcome (for facts left pending)
+        committed_so_far, index = 0, 0
+        while index < max_batches and run.pending():
             index += 1
-            order = sorted(pending, key=lambda k: (deferrals.get(k, 0), k))[: args.batch_size]
-            facts = [pending.pop(k) for k in order]
             env.proposes.reset()
-            env.measures.reset()
+            run.reset()
             load_before = load1()
             clock = Clock()
-            result = gated.edit(facts)
-            commit_s = 0.0
-            if result.prepared is not None:
-                began = time.perf_counter()
-                history.commit(result.prepared, version=env.state.version + 1, record=lambda rec: None)
-                commit_s = time.perf_counter() - began
-            record = batch_record(index, result, env, clock.read(), commit_s, load_before)
+            report = run.loop.run_batch()
+            scores, verdict = run.new_gate_run()
+            record = batch_record(index, report, scores, verdict, run, env, clock.read(), load_before)
             out["batches"].append(record)
-            by_key = {f.key: f for f in facts}
-            for outcome in result.verdict.outcomes:
-                key = int(outcome.key)
-                attempts[key] = outcome.attempts
-                if outcome.status in ("retry", "deferred"):
-                    if outcome.status == "deferred":
-                        deferrals[key] = deferrals.get(key, 0) + 1
-                    if deferrals.get(key, 0) >= MAX_DEFERRALS:
-                        status[key] = "deferred_out"
-                    else:
-                        pending[key] = replace(by_key[key], attempts=outcome.attempts)
-                        status[key] = outcome.status
-                else:
-                    status[key] = outcome.status
-            blocked_in_a_row = blocked_in_a_row + 1 if result.verdict.blocked else 0
-            committed_so_far = sum(1 for s in status.values() if s == "committed")
+            for outcome in verdict.get("outcomes", []):
+                last_outcome[run.example(outcome["fact"])] = outcome["status"]
+            committed_so_far += len(report.committed)
             print(
                 f"[{name}] batch {index}: {record['statuses']} edits {record['gate_edits']} "
                 f"edit {record['edit_s']:.1f}s check {record['check_s']:.1f}s wall {record['wall_s']:.1f}s "
                 f"cpu {record['cpu_s']:.1f}s load {record['load1_after']} committed {committed_so_far} "
-                f"pending {len(pending)} agreement {record.get('agreement')} kl {record.get('mean_kl')}",
+                f"pending {run.pending()} agreement {record.get('agreement')} kl {record.get('mean_kl')}",
                 flush=True,
             )
             if args.probe_every and index % args.probe_every == 0:
-                out["probes"].append(probe_point(env, suite, policy, index, committed_so_far))
+                out["probes"].append(probe_point(env, run.state, suite, policy, index, committed_so_far))
                 print(f"[{name}] probes after batch {index}: {json.dumps(out['probes'][-1])[:400]}", flush=True)
             save(out)
-            if blocked_in_a_row >= MAX_BLOCKED_IN_A_ROW:
-                out["stopped"] = f"{blocked_in_a_row} blocked batches in a row"
+            paused = run.service.now().pause_reason
+            if paused is not None:
+                # The daemon would edit no more until an operator acts: the run ends here.
+                out["stopped"] = f"editing paused: {paused}"
                 break
-        for key in pending:
-            status[key] = "not_applied_" + status.get(key, "never_tried")
         out["edit_wall_s"] = run_clock.read()
-        frozen = gated.frozen
+        frozen = run.gated.frozen
         out["frozen_layers"] = (
             None
             if frozen is None
             else {"first_edited_layer": frozen.first_edited, "rows_cached": frozen.hits, "rows_run": frozen.misses}
         )
-        committed = {k for k, s in status.items() if s == "committed"}
-        counts: dict[str, int] = {}
-        for value in status.values():
-            counts[value] = counts.get(value, 0) + 1
-        out["counts"] = dict(sorted(counts.items()))
-        out["fact_status"] = [status.get(i, "never_tried") for i in range(len(env.examples))]
-        out["fact_attempts"] = [attempts.get(i, 0) for i in range(len(env.examples))]
-        out["version"] = env.state.version
+        status, attempts = fact_outcomes(run, last_outcome)
+        committed = {i for i, s in enumerate(status) if s == "committed"}
+        out["counts"] = dict(sorted(_count(status).items()))
+        out["fact_status"] = status
+        out["fact_attempts"] = attempts
+        out["version"] = run.state.version
         last = out["probes"][-1] if out["probes"] else None
         if last is None or last["batch"] != index:
-            out["probes"].append(probe_point(env, suite, policy, index, len(committed)))
+            out["probes"].append(probe_point(env, run.state, suite, policy, index, len(committed)))
         out["final_probes"] = out["probes"][-1]
         save(out)
         out["final"] = final_scores(env, committed)
@@ -520,33 +658,22 @@ def calibrate(
 def calibration_sequence(
     env: Env, facts: Sequence[EditExample], size: int, batches: int, probe_items: int | None, probe_every: int = 1
 ) -> list[dict[str, Any]]:
-    """Commit `batches` held-out zsre_train batches unchecked; after each, the gate's numbers and the probes."""
-    reset_to_base(env)
-    config = GateConfig(enabled=False)
-    probe_config = (
-        GateConfig(probe_data=env.args.data / "glue_probes")
-        if probe_items is None
-        else GateConfig(probe_data=env.args.data / "glue_probes", probe_items=probe_items)
-    )
+    """Commit `batches` held-out zsre_train batches with the edit loop, gate off; after each, the gate's
+    numbers and (every `probe_every` batches and after the last) the probes."""
+    probe_options: dict[str, Any] = {"probe_data": env.args.data / "glue_probes"}
+    if probe_items is not None:
+        probe_options["probe_items"] = probe_items
+    probe_config = GateConfig(**probe_options)
     suite, policy = ProbeSuite.from_config(probe_config, env.references), DriftPolicy(probe_config)
-    gated = GatedEditor(env.editor, env.state, Gate(config), BatchChecker.from_config(config, env.references))
     out = []
-    with tempfile.TemporaryDirectory(prefix="gate-calibration-") as tmp:
-        history = ModelHistory(env.state, ArtefactStore(Path(tmp)), editor=env.editor, snapshot_every=0)
-        history.open({})
+    with temporary_loop(env, GateConfig(enabled=False), facts[: batches * size], size) as run:
         for k in range(batches):
-            chunk = [GateFact(i, e) for i, e in enumerate(facts[k * size : (k + 1) * size])]
-            result = gated.edit(chunk)
-            assert result.prepared is not None and result.verdict.final is not None
-            history.commit(result.prepared, version=k + 1, record=lambda rec: None)
-            spec = result.verdict.final.specificity
-            entry: dict[str, Any] = {
-                "batch": k + 1,
-                "agreement": round(spec.agreement, 4),
-                "mean_kl": round(spec.mean_kl, 5),
-            }
+            report = run.loop.run_batch()
+            numbers = gate_numbers(run.new_gate_run()[0])
+            assert report.version is not None and numbers, f"an ungated batch did not commit: {report}"
+            entry: dict[str, Any] = {"batch": k + 1, "agreement": numbers["agreement"], "mean_kl": numbers["mean_kl"]}
             if (k + 1) % probe_every == 0 or k + 1 == batches:
-                point = probe_point(env, suite, policy, k + 1, (k + 1) * size)
+                point = probe_point(env, run.state, suite, policy, k + 1, (k + 1) * size)
                 entry |= {
                     "probe_accuracy": point["accuracy"],
                     "probe_base_accuracy": point["base_accuracy"],
@@ -869,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown run(s) {unknown}; choose from {RUNS}")
-    command = "bench/gate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.gate " + " ".join(sys.argv[1:] if argv is None else argv)
     env = setup(args)
     env.info["load1_start"] = load1()
     print(f"set up: {json.dumps(env.info)[:600]}", flush=True)

@@ -2,7 +2,8 @@
 
 Endpoints (docs/api.md has examples):
 
-- ``GET /healthz``: the process answers. ``GET /readyz``: 200 when ready, 503 with the reasons.
+- ``GET /healthz``: the process answers. ``GET /readyz``: 200 when ready, 503 with the reasons; a
+  paused daemon still answers queries, so it stays ready and says that editing is paused.
 - ``GET /metrics``: Prometheus exposition (when metrics are enabled).
 - ``GET /v1/status``, ``GET /v1/facts``, ``GET /v1/facts/{fact_id}``, ``GET /v1/commits``.
 - ``POST /v1/query``: completion and answer probabilities from the live edited model.
@@ -27,7 +28,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 
-from daemon.api_guards import BodyLimit, RateLimit, RequestMetrics, TokenBuckets, bearer_guard
+from daemon.api_guards import (
+    BodyLimit,
+    RateLimit,
+    RequestMetrics,
+    TokenBuckets,
+    answer_validation_error,
+    bearer_guard,
+    json_body,
+)
 from daemon.api_models import (
     CommitList,
     ErrorBody,
@@ -46,6 +55,7 @@ from daemon.api_models import (
 )
 from daemon.config import ApiConfig
 from daemon.metrics import Metrics
+from daemon.openai_api import add_openai_api
 from daemon.service_view import NotFound, ServiceView, ViewError
 from store.models import FactStatus
 
@@ -56,6 +66,7 @@ _READ_ERRORS: dict[int | str, dict[str, Any]] = {429: {"model": ErrorBody, "desc
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The body is not valid JSON."},
     413: {"model": ErrorBody, "description": "Request body larger than api.max_request_bytes."},
+    415: {"model": ErrorBody, "description": "The body is not sent as application/json."},
 }
 _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **_READ_ERRORS,
@@ -77,6 +88,8 @@ def create_app(api_config: ApiConfig, view: ServiceView, metrics: Metrics) -> Fa
     if api_config.write_enabled:
         _add_write_routes(app, view, api_config)
 
+    app.exception_handler(RequestValidationError)(answer_validation_error)
+
     @app.exception_handler(ViewError)
     async def _view_error(_request: Request, exc: ViewError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
@@ -87,6 +100,7 @@ def create_app(api_config: ApiConfig, view: ServiceView, metrics: Metrics) -> Fa
         RateLimit, buckets=TokenBuckets(api_config.rate_limit_per_second, api_config.rate_limit_burst)
     )
     app.add_middleware(RequestMetrics, metrics=metrics)
+    add_openai_api(app, api_config, view, metrics)  # after the limits: its error shape wraps their refusals
     return app
 
 
@@ -105,15 +119,15 @@ def _add_health_routes(app: FastAPI, view: ServiceView, metrics: Metrics) -> Non
     @app.get(
         "/readyz",
         tags=["health"],
-        summary="Readiness: model and editor loaded and matching, ledger reachable, not paused",
+        summary="Readiness: model and editor loaded and matching, ledger reachable; whether editing is paused",
         responses={503: {"model": Readiness, "description": "Not ready; `reasons` says why."}},
     )
     def readyz(response: Response) -> Readiness:
         reasons = view.readiness()
-        metrics.set_ready(not reasons)
         if reasons:
             response.status_code = 503
-        return Readiness(ready=not reasons, reasons=reasons)
+        pause = view.pause_reason()
+        return Readiness(ready=not reasons, reasons=reasons, editing_paused=pause is not None, pause_reason=pause)
 
     if metrics.config.enabled:
 
@@ -181,6 +195,7 @@ def _add_query_route(app: FastAPI, view: ServiceView, metrics: Metrics, token_li
             **_BODY_ERRORS,
             503: {"model": ErrorBody, "description": "No model loaded yet, or shutting down."},
         },
+        dependencies=[Depends(json_body)],
     )
     def query(body: BoundedQueryRequest) -> QueryResult:
         started = time.perf_counter()
@@ -211,18 +226,14 @@ def _add_write_routes(app: FastAPI, view: ServiceView, config: ApiConfig) -> Non
         "/v1/facts",
         tags=["ledger"],
         summary="Submit facts in the ingest format",
-        dependencies=[guard],
+        dependencies=[guard, Depends(json_body)],
         responses={
             **_WRITE_ERRORS,
-            415: {"model": ErrorBody, "description": "Body is not application/json."},
-            422: {"model": ErrorBody, "description": "Not a {\"facts\": [...]} document, or unreadable JSON."},
+            422: {"model": ErrorBody, "description": "Not a {\"facts\": [...]} document."},
         },
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}},
     )
     async def post_facts(request: Request) -> SubmitSummary:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise _ContentTypeError()
         body = await request.body()
         try:
             submission.model_validate_json(body)
@@ -236,7 +247,7 @@ def _add_write_routes(app: FastAPI, view: ServiceView, config: ApiConfig) -> Non
         "/v1/revert",
         tags=["ledger"],
         summary="Revert commits: ledger and live weights",
-        dependencies=[guard],
+        dependencies=[guard, Depends(json_body)],
         responses={
             **_WRITE_ERRORS,
             409: {"model": ErrorBody, "description": "The ledger refuses (unknown version, nothing to revert)."},
@@ -248,10 +259,3 @@ def _add_write_routes(app: FastAPI, view: ServiceView, config: ApiConfig) -> Non
         to_version = body.to_version if isinstance(body, RevertTo) else None
         last = body.last if isinstance(body, RevertLast) else None
         return view.request_revert(to_version=to_version, last=last, reason=body.reason, requested_by=f"api:{client}")
-
-
-class _ContentTypeError(ViewError):
-    status_code = 415
-
-    def __init__(self) -> None:
-        super().__init__("send the facts as JSON: Content-Type: application/json")

@@ -3,6 +3,10 @@
 - `check_exposure` is called by the service at start-up: write endpoints on a non-loopback address
   without a token are refused with `UnsafeExposure`, before anything binds.
 - `bearer_guard` is the FastAPI dependency of the write endpoints.
+- `json_body` is the dependency of every endpoint that takes a JSON body: 415 unless the body is
+  sent as application/json, 400 unless it is valid JSON. `answer_validation_error` answers FastAPI's
+  own validation errors the same way (400 for unreadable JSON, else 422) and never quotes a long
+  input back.
 - `BodyLimit`, `RateLimit` and `RequestMetrics` are plain ASGI middlewares (no buffering of
   responses, nothing per request beyond a few dictionary operations).
 """
@@ -12,18 +16,25 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Annotated
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Security
+from fastapi import HTTPException, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.config import ApiConfig, ConfigError
 from daemon.metrics import Metrics
+from ingest.documents import parse_json_document
+from ingest.errors import DocumentError
 
 #: Paths never rate-limited: probes and scrapes are cheap and must keep working under load.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -31,6 +42,8 @@ UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_TRACKED_CLIENTS = 10_000
 #: Methods counted under their own name in ked_http_requests_total; others count as "other".
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The longest string a 422 answer quotes back as a field's `input`; a longer one is left out.
+MAX_QUOTED_INPUT_CHARS = 100
 
 
 #: The security scheme of the write endpoints (a plain object; creating it does no work).
@@ -83,6 +96,56 @@ def bearer_guard(token: str | None) -> Callable[..., None]:
         return
 
     return guard if token is not None else open_guard
+
+
+def json_problem(body: bytes) -> str | None:
+    """Why `body` is not valid JSON, or None. Strict, as ingest reads documents: no NaN, no key twice."""
+    try:
+        parse_json_document(body)
+    except DocumentError as exc:
+        return f"body: {exc}"
+    return None
+
+
+async def json_body(request: Request) -> None:
+    """The dependency of an endpoint with a JSON body: 415 unless it is application/json, 400 unless valid JSON.
+
+    FastAPI reads an undeclared or other content type as plain bytes and would answer 422 ("Input
+    should be a valid dictionary"); and it parses JSON leniently (NaN, a repeated key), which is why
+    the body is read again here.
+    """
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPException(status_code=415, detail="send the body as JSON, with the header Content-Type: application/json")
+    problem = await run_in_threadpool(json_problem, await request.body())
+    if problem is not None:
+        raise HTTPException(status_code=400, detail=problem)
+
+
+async def answer_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """400 when FastAPI could not parse the body as JSON; otherwise 422 with the errors, long inputs left out."""
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        problem = await run_in_threadpool(json_problem, await request.body())
+        return JSONResponse({"detail": problem or "body: invalid JSON"}, status_code=400)
+    return JSONResponse({"detail": jsonable_encoder([_quoting_short_input(e) for e in errors])}, status_code=422)
+
+
+def _quoting_short_input(error: Mapping[str, Any]) -> dict[str, Any]:
+    """`error` with its `input` only when that is a short scalar: a 422 must not echo a long prompt back."""
+    quoted = {key: value for key, value in error.items() if key != "input"}
+    value = error.get("input")
+    if "input" in error and _is_short_scalar(value):
+        quoted["input"] = value
+    return quoted
+
+
+def _is_short_scalar(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= MAX_QUOTED_INPUT_CHARS
+    if isinstance(value, float):
+        return math.isfinite(value)  # JSON has no NaN or Infinity
+    return value is None or isinstance(value, int)
 
 
 async def send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from store.models import FactStatus
+from daemon.service_state import EditorState
+from store.models import FactStatus, FailureCause
 
 MAX_PROMPT_CHARS = 1000  # at most 4000 byte-level tokens: within any supported model's context
 MAX_ANSWER_CHARS = 500
@@ -36,6 +37,13 @@ EXAMPLE_FACT: dict[str, Any] = {
 }
 
 
+#: A fact's `failure_cause` (`store.models.FailureCause`), stored with its `last_error`.
+LastFailureCause = Annotated[
+    FailureCause | None,
+    Field(description="Which check turned the fact's last try down: efficacy, specificity or error; null if none did."),
+]
+
+
 class _Out(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -51,14 +59,25 @@ class Health(_Out):
 
 
 class Readiness(_Out):
-    """Whether the service can edit and answer; `reasons` lists what is missing when it cannot."""
+    """Whether the service can edit and answer; `reasons` lists what is missing when it cannot.
+
+    A paused daemon stays ready (it still answers queries, takes facts and reverts): the pause is
+    reported in `editing_paused` and `pause_reason`, not as a reason.
+    """
 
     model_config = ConfigDict(
-        frozen=True, json_schema_extra={"examples": [{"ready": False, "reasons": ["editor: training (42%)"]}]}
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {"ready": False, "reasons": ["editor: training (42%)"], "editing_paused": False, "pause_reason": None}
+            ]
+        },
     )
 
     ready: bool
     reasons: list[str] = Field(description="Empty when ready.")
+    editing_paused: bool = Field(description="True while editing is paused; queries, facts and reverts go on.")
+    pause_reason: str | None = Field(None, description="Why editing is paused: drift, a blocked gate, a failed revert.")
 
 
 class FactSummary(_Out):
@@ -72,6 +91,7 @@ class FactSummary(_Out):
     attempts: int
     commit_version: int | None
     received_at: datetime
+    failure_cause: LastFailureCause
 
 
 class FactList(_Out):
@@ -108,6 +128,7 @@ class FactDetail(_Out):
     content_hash: str
     attempts: int
     last_error: str | None
+    failure_cause: LastFailureCause
     received_at: datetime
     status_changed_at: datetime
     observed_at: datetime | None
@@ -209,7 +230,7 @@ class ModelStatus(_Out):
 
 
 class EditorStatus(_Out):
-    state: Literal["missing", "training", "ready", "failed"]
+    state: EditorState
     training_progress: float | None = Field(None, ge=0, le=1, description="Share of training done, while training.")
     detail: str | None = None
 
@@ -220,6 +241,7 @@ class ServiceStatus(_Out):
     ready: bool
     reasons: list[str]
     paused: bool
+    pause_reason: str | None = Field(None, description="Why editing is paused, while it is (as in /readyz).")
     started_at: datetime
     model: ModelStatus | None = Field(description="None while the model loads.")
     editor: EditorStatus

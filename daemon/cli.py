@@ -1,34 +1,29 @@
-"""`python -m daemon`: parse the command line, load settings, configure logging, run the service."""
+"""`python -m daemon`: parse the command line, then start-up (`daemon.bootstrap`) and the service."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from daemon.config import ConfigError, add_common_arguments, settings_from_args
+from daemon.bootstrap import command_parser, command_settings
+
+PROG = "python -m daemon"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m daemon",
-        description="Lifelong knowledge-editing daemon: keeps a language model's facts current.",
-    )
-    add_common_arguments(parser)
-    return parser
+    return command_parser(PROG, "Lifelong knowledge-editing daemon: keeps a language model's facts current.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m daemon`. Exit codes: 0 clean stop, 2 bad usage or configuration."""
-    args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        print(f"python -m daemon: {exc}", file=sys.stderr)
-        return 2
+    """Entry point of `python -m daemon`.
 
-    from daemon.logs import configure_logging
+    Exit codes: 0 clean stop, 1 a model state that cannot be trusted, 2 bad usage or configuration.
+    """
+    args = build_parser().parse_args(argv)
+    settings = command_settings(args, prog=PROG)
+    if settings is None:
+        return 2
+    # Imported here: the service pulls in torch and the API, which `--help` and a bad configuration do not need.
     from daemon.service import Service
 
-    configure_logging(settings.logging)
     return Service(settings).run()

@@ -6,16 +6,17 @@ keys: ``KED_MODEL__DEVICE=cuda`` sets ``[model] device``; ``KED_STATE_DIR=/var/l
 top-level ``state_dir``. List and table values are given as JSON
 (``KED_MODEL__EDIT_MODULES='["model.layers.4.mlp.up_proj"]'``).
 
-Nothing here runs at import time: `load_settings` builds the settings when an entry point calls it.
-The reference page `docs/configuration.md` is generated from these classes by
-``python -m daemon.config --reference`` and a test keeps it in step.
+Nothing here runs at import time: `load_settings` builds the settings when an entry point calls it
+(through `daemon.bootstrap.command_settings`, which every command-line tool uses). The reference page
+`docs/configuration.md` is generated from these classes by ``python -m daemon.config --reference``
+(`daemon.commands.config`) and a test keeps it in step.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -53,6 +54,13 @@ class ApiConfig(BaseModel):
         description="Bearer token required by the write endpoints (POST /v1/facts, POST /v1/revert); "
         "set it through KED_API__TOKEN rather than the file.",
     )
+    read_token: str | None = Field(
+        None,
+        pattern=r"\S",
+        description="Bearer token required, when set, to read the model: POST /v1/query and the OpenAI routes "
+        "(/v1/models, /v1/chat/completions, /v1/completions); the write token is accepted too. "
+        "Set it through KED_API__READ_TOKEN rather than the file.",
+    )
     write_enabled: bool = Field(
         True, description="Serve the write endpoints; when false they are absent from the API and its schema."
     )
@@ -64,7 +72,9 @@ class ApiConfig(BaseModel):
         1000, ge=1, le=1_000_000, description="Most records in one POST /v1/facts; more get 422."
     )
     max_new_tokens: int = Field(
-        128, ge=1, le=4096, description="Most tokens one POST /v1/query may ask the model to generate."
+        128, ge=1, le=4096,
+        description="Most tokens one POST /v1/query, or one chat or text completion, may ask the model to generate "
+        "(and the budget of a chat completion that gives none).",
     )
     rate_limit_per_second: float = Field(
         20.0, gt=0, le=1_000_000, description="Requests per second allowed to one client address (token bucket)."
@@ -326,22 +336,8 @@ def reference_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m daemon.config", description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    parser.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")
-    args = parser.parse_args(argv)
-    if args.reference:
-        sys.stdout.write(reference_markdown())
-        return 0
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    sys.stdout.write(settings.model_dump_json(indent=2) + "\n")
-    return 0
-
-
 if __name__ == "__main__":
+    # `python -m daemon.config` keeps its name; the command starts like the others, in daemon.commands.config.
+    from daemon.commands.config import main
+
     sys.exit(main())

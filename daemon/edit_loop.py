@@ -9,11 +9,18 @@ job every `[edit_loop] poll_seconds`; under one lock (`writer`) it
    edits a batch: claim up to `[editor] batch_size` facts (-> editing), propose and gate them on the
    live weights (`editing.gate.batch_edit`), then commit what passed with the model-state protocol
    (artefact durable -> one ledger transaction with the commit row, the fact states and the gate's
-   record -> weights published), and settle the rest (rejected, failed, or back to pending to retry);
+   record -> weights published), and settle the rest (rejected, failed, or back to pending to retry,
+   each with the `FailureCause` of its try). Facts that missed `min_efficacy` are retried in batches
+   of their own, of at most `[gate] retry_batch_size`;
 4. consolidates the artefacts (snapshots, retention) between batches.
 
 A stop request abandons the in-flight batch at the gate's next try (the facts go back to pending);
 a commit already under way finishes. Reverts from the HTTP API take the same lock (`revert`).
+
+The loop writes what it decides into the service's `ServiceState` (pauses, the gate's drift of the
+live version from the base model) and records pauses in the ledger (`store.pauses`), so a pause
+outlives a restart until a revert, a resume recorded in the ledger, or a start under other settings
+ends it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
+from itertools import takewhile
 from typing import Any
 
 import structlog
@@ -36,21 +44,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.metrics import Metrics
-from daemon.model_state import RevertOutcome, apply_pending_reverts, commit_refs, revert_model
-from daemon.view import DaemonView
+from daemon.model_state import RevertReport, apply_pending_reverts, commit_refs, revert_model
+from daemon.service_state import (
+    BASE_MODEL_DRIFT,
+    BatchOutcome,
+    BatchPhase,
+    GateDrift,
+    RevertOutcome,
+    ServiceState,
+)
 from editing.data import EditExample
 from editing.engine.checkpoint import code_version
 from editing.engine.emsedit import EMSEditor
 from editing.gate.batch_edit import BatchResult, EditInterrupted, GatedEditor
-from editing.gate.checks import BatchChecker, Gate, GateFact, GateVerdict
+from editing.gate.checks import BatchChecker, FactOutcome, Gate, GateFact, GateVerdict
 from editing.gate.probes import DriftPolicy, ProbeReport, ProbeSuite, probes_due
 from editing.gate.specificity import ReferenceStore
 from editing.model.loading import LoadedModel
 from editing.model.scoring import answer_scores
 from editing.state.history import CommitRecord, ModelHistory
-from store import commits
+from store import commits, pauses, queries
 from store.errors import StaleVersion
-from store.models import Commit, Fact, FactStatus, ProbeRun
+from store.models import Commit, Fact, FactStatus, FailureCause, ProbeKind, ProbeRun
 from store.records import CommitIn
 from store.states import transition
 from store.work import claim_pending, pending_backlog
@@ -58,6 +73,21 @@ from store.work import claim_pending, pending_backlog
 log = structlog.get_logger(__name__)
 
 PACKAGES = ("torch", "transformers", "safetensors", "sqlalchemy")
+
+#: How `editing.gate.checks` begins the reason of a fact that missed `min_efficacy` ("efficacy 0.5 < ...").
+MISSED_EFFICACY = "efficacy "
+
+#: The ledger status of a fact the gate did not commit, by its outcome (others go back to pending).
+SETTLED = {"rejected": FactStatus.REJECTED, "failed": FactStatus.FAILED}
+
+#: The gate's figures (`gate_scores`) under the names a commit's edit_metrics has always used for them.
+COMMIT_METRIC_NAMES = {
+    "efficacy": "efficacy",
+    "agreement": "specificity_agreement",
+    "mean_kl": "specificity_mean_kl",
+    "batch_agreement": "batch_agreement",
+    "batch_mean_kl": "batch_mean_kl",
+}
 
 
 def fact_example(fact: Fact) -> EditExample:
@@ -100,7 +130,7 @@ class BatchReport:
     facts: int
     committed: list[int] = field(default_factory=list)
     version: int | None = None
-    outcome: str = "rolled_back"
+    outcome: BatchOutcome = BatchOutcome.ROLLED_BACK
     seconds: float = 0.0
 
 
@@ -115,7 +145,7 @@ class EditLoop:
         loaded: LoadedModel,
         references: ReferenceStore,
         metrics: Metrics,
-        view: DaemonView,
+        state: ServiceState,
         stop: threading.Event,
     ) -> None:
         self.settings = settings
@@ -124,7 +154,7 @@ class EditLoop:
         self.loaded = loaded
         self.references = references
         self.metrics = metrics
-        self.view = view
+        self.state = state
         self.stop = stop
         self.writer = threading.RLock()
         self.gated: GatedEditor | None = None
@@ -136,6 +166,8 @@ class EditLoop:
         self._baseline_done = False
         self._commits_since_probe = 0
         self._last_probe_at = time.monotonic()
+        self._after_version_change()
+        self.restore_pause()
 
     # --- set-up ----------------------------------------------------------------------------------
 
@@ -146,21 +178,29 @@ class EditLoop:
             checker = BatchChecker.from_config(self.settings.gate, self.references)
             self.gated = GatedEditor(editor, self.history.state, Gate(self.settings.gate), checker)
             self.editor_version = f"{code_version()}+{checkpoint_id}"
-        self.restore_pause()
 
     def restore_pause(self) -> None:
-        """Start paused when the newest periodic probe run failed on the live version (drift survives restarts)."""
-        if self.settings.gate.drift_policy != "pause":
-            return
-        with self.sessions() as session:
-            run = session.scalars(
-                select(ProbeRun).where(ProbeRun.kind == "periodic").order_by(ProbeRun.id.desc()).limit(1)
-            ).first()
-            if run is None or run.passed is not False:
+        """Start paused when the ledger holds a pause in force: a pause outlives restarts.
+
+        It ends instead when a revert was filed, or carried out on the weights, after it began (the
+        operator's answer, perhaps given with the CLI while the daemon was down), or when the settings
+        that shape an edit changed since (thresholds loosened, another editor: the operator's other answer).
+        """
+        with self.sessions.begin() as session:
+            pause = pauses.current_pause(session)
+            if pause is None:
                 return
-            version = self.history.state.version
-            if (run.commit_version or 0) == version:
-                self._pause(f"probes failed on version {version} before the restart: {run.details.get('reasons')}")
+            revert = pauses.revert_since(session, pause)
+            if revert is not None:
+                ended_by = f"revert {revert.id}"
+            elif pause.config_hash not in (None, self.config_hash):
+                ended_by = "a start with other model, editor or gate settings"
+            else:
+                self.state.pause(pause.reason)
+                log.warning("editing paused since before the restart", reason=pause.reason, since=pause.paused_at)
+                return
+            pauses.record_resume(session=session, resumed_by=ended_by)
+        log.info("the pause recorded before the restart has ended", reason=pause.reason, ended_by=ended_by)
 
     # --- the job ---------------------------------------------------------------------------------
 
@@ -168,13 +208,14 @@ class EditLoop:
         """One pass of the loop (see the module docstring); the scheduler calls it every poll_seconds."""
         with self.writer:
             self._apply_reverts()
+            self._follow_resume()
             if self.gated is None or self.stop.is_set():
                 return
             if not self._baseline_done:
                 self._baseline_probe()
-            while not self.stop.is_set() and not self.view.paused and self._due():
+            while not self.stop.is_set() and not self.state.now().paused and self._due():
                 self._apply_reverts()  # a revert filed by the CLI goes before the next batch
-                if self.view.paused:
+                if self.state.now().paused:
                     break
                 report = self.run_batch()
                 self._after_batch(report)
@@ -183,18 +224,29 @@ class EditLoop:
                     # facts sent back for a retry do not spin the loop.
                     break
 
+    def _follow_resume(self) -> None:
+        """Resume when the ledger no longer holds the pause: an operator ended it from outside (a resume)."""
+        if not self.state.now().paused:
+            return
+        with self.sessions() as session:
+            ended = pauses.current_pause(session) is None
+        if ended and self.state.resume():
+            log.info("editing resumed: the pause was ended in the ledger", version=self.history.state.version)
+
     def _apply_reverts(self) -> None:
         began = time.perf_counter()
         try:
             applied = apply_pending_reverts(self.history, self.sessions)
         except Exception as exc:  # a failed rebuild must not kill the loop: pause and say why
             log.error("a revert filed in the ledger could not be applied", error=str(exc))
-            self.metrics.observe_revert("failed", time.perf_counter() - began)
+            self.metrics.observe_revert(RevertOutcome.FAILED, time.perf_counter() - began)
             self._pause(f"revert could not be applied: {exc}")
             return
         if applied:
-            self.metrics.observe_revert("done", time.perf_counter() - began)
+            self.metrics.observe_revert(RevertOutcome.DONE, time.perf_counter() - began)
             self._after_version_change()
+            # A revert filed with the CLI is an operator's answer to a pause, as one through the API is.
+            self._resume(f"revert {', '.join(map(str, applied))}")
 
     def _due(self) -> bool:
         if not self.settings.edit_loop.enabled:
@@ -215,19 +267,31 @@ class EditLoop:
     def _gate_fact(self, fact: Fact) -> GateFact:
         """A claimed fact for the gate; one that failed efficacy before gets a stronger edit signal."""
         attempts = max(0, fact.attempts - 1)
-        weak = (fact.last_error or "").startswith("efficacy ")
+        weak = fact.failure_cause is FailureCause.EFFICACY
         strength = self.settings.gate.retry_strength**attempts if weak else 1.0
         return GateFact(fact.id, fact_example(fact), attempts=attempts, strength=strength)
+
+    def _batch_limit(self, session: Session) -> int:
+        """How many of the oldest pending facts the next batch claims.
+
+        As many as are alike: facts retried after missing `min_efficacy` go in batches of their own, of at
+        most `[gate] retry_batch_size` (a smaller batch edits each of its facts more precisely), the others
+        in batches of at most `[editor] batch_size`.
+        """
+        causes = queries.pending_failure_causes(session, self.settings.editor.batch_size)
+        retries = bool(causes) and causes[0] is FailureCause.EFFICACY
+        alike = sum(1 for _ in takewhile(lambda cause: (cause is FailureCause.EFFICACY) == retries, causes))
+        return max(1, min(alike, self.settings.gate.retry_batch_size) if retries else alike)
 
     def run_batch(self) -> BatchReport:
         """Claim, edit, gate and commit one batch; the facts end committed, rejected, failed or pending."""
         assert self.gated is not None
         began = time.perf_counter()
-        phases: dict[str, float] = {}
+        phases: dict[BatchPhase, float] = {}
         with self.sessions.begin() as session:
-            claimed = claim_pending(session=session, limit=self.settings.editor.batch_size)
+            claimed = claim_pending(session=session, limit=self._batch_limit(session))
             facts = [self._gate_fact(f) for f in claimed]
-        phases["claim"] = time.perf_counter() - began
+        phases[BatchPhase.CLAIM] = time.perf_counter() - began
         report = BatchReport(len(facts))
         if not facts:
             return report
@@ -237,37 +301,35 @@ class EditLoop:
         except EditInterrupted:
             self._release(ids, "the daemon stopped while this fact's batch was being edited")
             report.seconds = time.perf_counter() - began
-            self.metrics.observe_batch("rolled_back", report.seconds, phases)  # type: ignore[arg-type]
+            self.metrics.observe_batch(BatchOutcome.ROLLED_BACK, report.seconds, phases)
             log.info("batch rolled back: stopping", facts=len(ids))
             return report
         except Exception as exc:
             log.exception("edit batch failed", facts=ids)
             self._fail(ids, f"the edit raised {type(exc).__name__}: {exc}")
-            report.outcome, report.seconds = "failed", time.perf_counter() - began
-            self.metrics.observe_batch("failed", report.seconds, phases)  # type: ignore[arg-type]
+            report.outcome, report.seconds = BatchOutcome.FAILED, time.perf_counter() - began
+            self.metrics.observe_batch(BatchOutcome.FAILED, report.seconds, phases)
             return report
-        phases["edit"] = result.edit_seconds
-        phases["gate"] = result.phases.get("check", 0.0)
+        phases[BatchPhase.EDIT] = result.edit_seconds
+        phases[BatchPhase.GATE] = result.phases.get("check", 0.0)
         commit_began = time.perf_counter()
         version = self._commit(result, facts) if result.prepared is not None else None
         self._settle(result.verdict, committed=version is not None)
         if version is None and result.prepared is not None:
-            report.outcome = "rolled_back"
+            report.outcome = BatchOutcome.ROLLED_BACK
         elif version is not None:
-            phases["commit"] = time.perf_counter() - commit_began
+            phases[BatchPhase.COMMIT] = time.perf_counter() - commit_began
             report.committed = [int(k) for k in result.verdict.committed]
-            report.version, report.outcome = version, "committed"
+            report.version, report.outcome = version, BatchOutcome.COMMITTED
         else:
-            report.outcome = "rejected" if any(o.status == "rejected" for o in result.verdict.outcomes) else "failed"
-            if all(o.status in ("retry", "deferred") for o in result.verdict.outcomes):
-                report.outcome = "rolled_back"
+            report.outcome = _uncommitted_outcome(result.verdict)
             self._record_gate_run(result.verdict, None)
             if result.verdict.blocked:
                 # The live model already fails the specificity thresholds: no batch can pass until an
                 # operator reverts (or loosens the thresholds), so stop trying and say why.
                 self._pause(f"gate: {result.verdict.blocked}")
         report.seconds = time.perf_counter() - began
-        self.metrics.observe_batch(report.outcome, report.seconds, phases)  # type: ignore[arg-type]
+        self.metrics.observe_batch(report.outcome, report.seconds, phases)
         log.info(
             "batch done",
             outcome=report.outcome,
@@ -277,8 +339,8 @@ class EditLoop:
             statuses=_count(o.status for o in result.verdict.outcomes),
             edits=result.verdict.edits,
             seconds=round(report.seconds, 2),
-            edit_seconds=round(phases["edit"], 2),
-            gate_seconds=round(phases["gate"], 2),
+            edit_seconds=round(phases[BatchPhase.EDIT], 2),
+            gate_seconds=round(phases[BatchPhase.GATE], 2),
             blocked=result.verdict.blocked,
         )
         return report
@@ -291,7 +353,8 @@ class EditLoop:
         with self.sessions() as session:
             version = commits.next_version(session)
         parent = self.history.state.version
-        metrics = self._edit_metrics(result)
+        scores = gate_scores(verdict)
+        metrics = self._edit_metrics(result) | _commit_figures(scores)
 
         def record(rec: CommitRecord) -> None:
             with self.sessions.begin() as session:
@@ -315,8 +378,8 @@ class EditLoop:
                 )
                 commits.record_probe_run(
                     session=session,
-                    kind="gate",
-                    scores=_gate_scores(verdict),
+                    kind=ProbeKind.GATE,
+                    scores=scores,
                     passed=True,
                     commit_version=rec.version,
                     duration_seconds=verdict.seconds,
@@ -348,7 +411,7 @@ class EditLoop:
         return version
 
     def _edit_metrics(self, result: BatchResult) -> dict[str, float]:
-        final = result.verdict.final
+        """What the edit cost and did; the commit records the gate's figures (`gate_scores`) beside them."""
         out: dict[str, float] = {
             "facts": float(len(result.verdict.committed)),
             "batch_facts": float(len(result.verdict.outcomes)),
@@ -357,15 +420,6 @@ class EditLoop:
             "gate_edits": float(result.verdict.edits),
             "stored_bytes": float(result.prepared.stored_bytes) if result.prepared else 0.0,
         }
-        if final is not None:
-            values = [final.efficacy[k] for k in result.verdict.committed if k in final.efficacy]
-            if values:
-                out["efficacy"] = sum(values) / len(values)
-            out["specificity_agreement"] = final.specificity.agreement
-            out["specificity_mean_kl"] = final.specificity.mean_kl
-            if final.marginal is not None:  # against the model before the batch (measured when needed)
-                out["batch_agreement"] = final.marginal.agreement
-                out["batch_mean_kl"] = final.marginal.mean_kl
         if result.plan is not None and result.plan.steps:
             out["edit_loss_before"] = result.plan.steps[0].edit_loss
             out["edit_loss_last_step"] = result.plan.steps[-1].edit_loss
@@ -390,24 +444,19 @@ class EditLoop:
         return float(scores.token_accuracy.mean())
 
     def _settle(self, verdict: GateVerdict, *, committed: bool) -> None:
-        """Move every fact the commit did not take to its end state (or back to pending)."""
-        rejected, failed, retry = [], [], []
-        for outcome in verdict.outcomes:
-            if outcome.status == "committed" and committed:
-                continue
-            reason = outcome.reason + (f" ({_numbers(outcome.numbers)})" if outcome.numbers else "")
-            if outcome.status == "rejected":
-                rejected.append((int(outcome.key), reason))
-            elif outcome.status == "failed":
-                failed.append((int(outcome.key), reason))
-            elif outcome.status != "committed":
-                retry.append((int(outcome.key), reason))
+        """Move every fact the commit did not take to its end state (or back to pending), with its cause."""
         with self.sessions.begin() as session:
-            for status, group in ((FactStatus.REJECTED, rejected), (FactStatus.FAILED, failed), (FactStatus.PENDING, retry)):
-                for fid, reason in group:
-                    current = session.get(Fact, fid)
-                    if current is not None and current.status == FactStatus.EDITING:
-                        transition(session=session, fact_ids=[fid], to=status, error=reason[:2000])
+            for outcome in verdict.outcomes:
+                if outcome.status == "committed" and committed:
+                    continue
+                fid = int(outcome.key)
+                current = session.get(Fact, fid)
+                if current is None or current.status != FactStatus.EDITING:
+                    continue  # released already (the commit was abandoned)
+                reason = outcome.reason + (f" ({_numbers(outcome.numbers)})" if outcome.numbers else "")
+                to = SETTLED.get(outcome.status, FactStatus.PENDING)
+                cause = failure_cause(outcome)
+                transition(session=session, fact_ids=[fid], to=to, error=reason[:2000], failure_cause=cause)
 
     def _release(self, ids: Sequence[int], reason: str) -> None:
         with self.sessions.begin() as session:
@@ -416,14 +465,15 @@ class EditLoop:
 
     def _fail(self, ids: Sequence[int], reason: str) -> None:
         with self.sessions.begin() as session:
-            transition(session=session, fact_ids=list(ids), to=FactStatus.FAILED, error=reason[:2000])
+            cause = FailureCause.ERROR
+            transition(session=session, fact_ids=list(ids), to=FactStatus.FAILED, error=reason[:2000], failure_cause=cause)
 
     def _record_gate_run(self, verdict: GateVerdict, version: int | None) -> None:
         with self.sessions.begin() as session:
             commits.record_probe_run(
                 session=session,
-                kind="gate",
-                scores=_gate_scores(verdict),
+                kind=ProbeKind.GATE,
+                scores=gate_scores(verdict),
                 passed=False,
                 commit_version=version,
                 duration_seconds=verdict.seconds,
@@ -438,14 +488,17 @@ class EditLoop:
         if probes_due(
             self.settings.gate, self._commits_since_probe, (time.monotonic() - self._last_probe_at) / 60.0
         ):
-            self.run_probes("periodic")
+            self.run_probes(ProbeKind.PERIODIC)
         self._consolidate()
 
     def _after_version_change(self) -> None:
+        """Report the ledger's current version: its commit time, and the gate's drift of it from the base model."""
         with self.sessions() as session:
-            summary_version = commits.current_version(session)
-            last = session.get(Commit, summary_version) if summary_version else None
-        self.metrics.set_model_state(version=summary_version, last_commit_at=last.created_at if last else None)
+            version = commits.current_version(session)
+            last = session.get(Commit, version) if version else None
+            scores = queries.commit_gate_scores(session, version) if version else None
+        self.metrics.set_model_state(version=version, last_commit_at=last.created_at if last else None)
+        self.state.set_drift(_gate_drift(version, scores))
 
     def _consolidate(self) -> None:
         try:
@@ -479,9 +532,9 @@ class EditLoop:
         with self.history.state.writing():
             # Computing base references swaps the base weights in for a moment: no query may run meanwhile.
             report = self.probes.run(self.loaded.model, self.loaded.tokenizer)
-        self._record_probes("baseline", report, passed=True, reasons=[], seconds=time.perf_counter() - began)
+        self._record_probes(ProbeKind.BASELINE, report, passed=True, reasons=[], seconds=time.perf_counter() - began)
 
-    def run_probes(self, kind: str = "periodic") -> ProbeReport:
+    def run_probes(self, kind: ProbeKind = ProbeKind.PERIODIC) -> ProbeReport:
         """Run the periodic probes on the live model, record them and follow the drift policy."""
         with self.writer:
             began = time.perf_counter()
@@ -499,7 +552,9 @@ class EditLoop:
                 self._revert_after_drift(decision.reasons)
             return report
 
-    def _record_probes(self, kind: str, report: ProbeReport, *, passed: bool, reasons: list[str], seconds: float) -> None:
+    def _record_probes(
+        self, kind: ProbeKind, report: ProbeReport, *, passed: bool, reasons: list[str], seconds: float
+    ) -> None:
         version = self.history.state.version
         scores = {t.task: t.accuracy for t in report.tasks}
         drift = {t.task: t.accuracy_change for t in report.tasks}
@@ -514,7 +569,7 @@ class EditLoop:
                 duration_seconds=seconds,
                 details=details,
             )
-        self.metrics.observe_probes(kind, passed=passed, seconds=seconds, scores=scores, drift=drift)  # type: ignore[arg-type]
+        self.metrics.observe_probes(kind, passed=passed, seconds=seconds, scores=scores, drift=drift)
         log.info(
             "probes run",
             kind=kind,
@@ -527,23 +582,26 @@ class EditLoop:
         )
 
     def _pause(self, reason: str) -> None:
-        self.view.paused = True
-        self.view.pause_reason = reason
-        self.metrics.set_paused(True)
+        """Stop editing until an operator acts; recorded in the ledger, so it outlives a restart."""
+        with self.sessions.begin() as session:
+            pauses.record_pause(
+                session=session, reason=reason, version=self.history.state.version, config_hash=self.config_hash
+            )
+        self.state.pause(reason)
         log.warning("editing paused", reason=reason)
 
-    def _resume(self) -> None:
-        if self.view.paused:
-            log.info("editing resumed", version=self.history.state.version)
-        self.view.paused = False
-        self.view.pause_reason = None
-        self.metrics.set_paused(False)
+    def _resume(self, resumed_by: str) -> None:
+        """Edit again (after a revert); ends the pause in the ledger too."""
+        with self.sessions.begin() as session:
+            pauses.record_resume(session=session, resumed_by=resumed_by)
+        if self.state.resume():
+            log.info("editing resumed", version=self.history.state.version, resumed_by=resumed_by)
 
     def _revert_after_drift(self, reasons: Sequence[str]) -> None:
         with self.sessions() as session:
             run = session.scalars(
                 select(ProbeRun)
-                .where(ProbeRun.kind.in_(("periodic", "baseline")), ProbeRun.passed.is_(True))
+                .where(ProbeRun.kind.in_((ProbeKind.PERIODIC, ProbeKind.BASELINE)), ProbeRun.passed.is_(True))
                 .order_by(ProbeRun.id.desc())
                 .limit(1)
             ).first()
@@ -559,7 +617,7 @@ class EditLoop:
 
     # --- reverts from the API --------------------------------------------------------------------
 
-    def revert(self, *, to_version: int | None, last: int | None, reason: str | None, requested_by: str) -> RevertOutcome:
+    def revert(self, *, to_version: int | None, last: int | None, reason: str | None, requested_by: str) -> RevertReport:
         """Exact revert of the live model between batches (waits for an in-flight batch to finish)."""
         with self.writer:
             self._apply_reverts()
@@ -569,16 +627,24 @@ class EditLoop:
                     self.history, self.sessions, to_version=to_version, last=last, reason=reason, requested_by=requested_by
                 )
             except Exception:
-                self.metrics.observe_revert("refused", time.perf_counter() - began)
+                self.metrics.observe_revert(RevertOutcome.REFUSED, time.perf_counter() - began)
                 raise
-            self.metrics.observe_revert("done", outcome.seconds)
+            self.metrics.observe_revert(RevertOutcome.DONE, outcome.seconds)
             self._after_version_change()
             # A revert is the operator's answer to drift: editing resumes on the restored version.
-            self._resume()
+            self._resume(f"revert {outcome.revert_id}")
             return outcome
 
 
-def _gate_scores(verdict: GateVerdict) -> dict[str, float]:
+def gate_scores(verdict: GateVerdict) -> dict[str, float]:
+    """The gate's record of one batch: edits and seconds, and its final try's figures when something committed.
+
+    `efficacy` (mean over the committed facts), `agreement` and `mean_kl` against the frozen base model,
+    and `batch_agreement` and `batch_mean_kl` against the model before the batch when that was measured.
+    Recorded as the scores of the batch's gate run; a commit records the same figures in its
+    edit_metrics (`COMMIT_METRIC_NAMES`), and the live version's `agreement` and `mean_kl` are the
+    service's `GateDrift`.
+    """
     final = verdict.final
     scores: dict[str, float] = {"edits": float(verdict.edits), "seconds": verdict.seconds}
     if final is not None:
@@ -591,6 +657,35 @@ def _gate_scores(verdict: GateVerdict) -> dict[str, float]:
             scores["batch_agreement"] = final.marginal.agreement
             scores["batch_mean_kl"] = final.marginal.mean_kl
     return scores
+
+
+def failure_cause(outcome: FactOutcome) -> FailureCause | None:
+    """Which check turned the fact's try down: efficacy when it missed its target, else specificity."""
+    if outcome.status == "committed":
+        return None
+    return FailureCause.EFFICACY if outcome.reason.startswith(MISSED_EFFICACY) else FailureCause.SPECIFICITY
+
+
+def _uncommitted_outcome(verdict: GateVerdict) -> BatchOutcome:
+    """A batch that committed nothing: rejected (a fact harms specificity), failed, or rolled back (all wait)."""
+    statuses = {o.status for o in verdict.outcomes}
+    if statuses <= {"retry", "deferred"}:
+        return BatchOutcome.ROLLED_BACK
+    return BatchOutcome.REJECTED if "rejected" in statuses else BatchOutcome.FAILED
+
+
+def _commit_figures(scores: dict[str, float]) -> dict[str, float]:
+    """The gate's figures under a commit's names for them (`COMMIT_METRIC_NAMES`)."""
+    return {COMMIT_METRIC_NAMES[k]: v for k, v in scores.items() if k in COMMIT_METRIC_NAMES}
+
+
+def _gate_drift(version: int, scores: dict[str, Any] | None) -> GateDrift | None:
+    """The live version's drift from the base model by its commit's gate run (`gate_scores`)."""
+    if version == 0:
+        return BASE_MODEL_DRIFT
+    if scores is None or "agreement" not in scores or "mean_kl" not in scores:
+        return None  # a commit recorded without a gate run (the gate off, or an older daemon)
+    return GateDrift(version, float(scores["agreement"]), float(scores["mean_kl"]))
 
 
 def _numbers(numbers: dict[str, float]) -> str:

@@ -1,18 +1,18 @@
-"""The editor the daemon edits with: load the trained checkpoint, or train one on first run.
+"""First-run training: the editor the daemon trains when it finds no trained checkpoint.
 
 When `<state_dir>/editor` (or `[editor] checkpoint`) holds no checkpoint, the daemon meta-trains an
 editor for the loaded model on `[edit_loop] training_data` (built-in synthetic counterfactual facts by
-default), saves it as an ordinary checkpoint (the same files `python -m editing.train` writes), and
-edits with it from then on. Training works on a private copy of the language model, because it changes
-the edited weights in place while it runs: the live model keeps answering queries meanwhile.
+default), saves it as an ordinary checkpoint (the same files, written the same atomic way, as
+`python -m editing.train`: `daemon.bootstrap.save_editor`), and edits with it from then on; loading a
+checkpoint is `daemon.bootstrap.load_editor`. Training works on a private copy of the language model,
+because it changes the edited weights in place while it runs: the live model keeps answering queries
+meanwhile.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import structlog
 
+from daemon.bootstrap import save_editor
 from daemon.config import Settings
 from editing.data import examples_hash, load_examples
-from editing.engine.checkpoint import WEIGHTS_FILE, build_editor, checkpoint_info, load_checkpoint, save_checkpoint
+from editing.engine.checkpoint import WEIGHTS_FILE, checkpoint_info
 from editing.engine.emsedit import EMSEditor
 from editing.engine.training import TrainingOptions, meta_train
 from editing.model.loading import LoadedModel
@@ -49,15 +50,6 @@ def checkpoint_id(directory: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
-
-
-def load_editor(settings: Settings, loaded: LoadedModel, module_names: list[str]) -> EMSEditor:
-    """The editor of the configured checkpoint, bound to the live model. Raises ModelMismatch/CheckpointError."""
-    checkpoint = load_checkpoint(settings.editor_checkpoint())
-    return build_editor(
-        loaded.model, loaded.tokenizer, loaded.fingerprint, checkpoint, settings.editor, module_names,
-        earlier_fingerprints=loaded.earlier_fingerprints,
-    )
 
 
 def training_options(settings: Settings) -> TrainingOptions:
@@ -116,14 +108,11 @@ def train_editor(
             "key_covariance": editor.config.key_covariance,
             "trained_by": "daemon first run",
         }
-        output = settings.editor_checkpoint()
-        # Written beside the final name and renamed, so a crash never leaves half a checkpoint behind.
-        partial = output.with_name(output.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        save_checkpoint(partial, editor, checkpoint_info(editor, loaded.fingerprint, loaded.model_type, training))
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(partial, output)
+        output = save_editor(
+            settings.editor_checkpoint(),
+            editor,
+            checkpoint_info(editor, loaded.fingerprint, loaded.model_type, training),
+        )
     finally:
         del editor, shadow
     log.info("editor trained", checkpoint=str(output), seconds=round(time.monotonic() - began, 1))

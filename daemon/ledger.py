@@ -1,12 +1,20 @@
 """Read and steer the edit ledger, and the model state behind it, from the command line (`python -m daemon.ledger`).
 
-Commands: `status`, `log`, `show FACT_ID | vVERSION`, `facts`, `requeue`, `export`, `revert`,
-`export-model`. Output is readable text by default and JSON with `--json`. The schema is upgraded to
-head before any command runs. Exit codes: 0 done, 1 refused or not carried out (unknown id or
-version, illegal status change, a target beyond the retention horizon, the model held by another
-command, a revert the daemon has not applied within `--wait`, a damaged model state), 2 bad
-arguments or configuration (the configured model cannot be loaded included), 3 the ledger cannot be
-reached.
+Commands: `status`, `log`, `show FACT_ID | vVERSION`, `facts`, `requeue`, `export`, `resume`,
+`revert`, `export-model`. Output is readable text by default and JSON with `--json`. Start-up is
+`daemon.bootstrap`'s: settings, logging to stderr (stdout stays clean for --json and export), the
+ledger opened with every `[store]` option and upgraded to head before any command runs. No command
+creates a ledger: where the settings point to none (run outside the service's directory without
+`--state-dir`, say), every command stops with a message naming the place it looked. Exit codes:
+0 done, 1 refused or not carried out (unknown id or version, illegal status change, no pause to
+resume, a target beyond the retention horizon, the model held by another command, a revert the
+daemon has not applied within `--wait`, a damaged model state), 2 bad arguments or configuration
+(no ledger where the settings point, and a configured model that cannot be loaded, included), 3 the
+ledger cannot be reached.
+
+`resume` ends the pause in force (the daemon pauses editing on drift, a blocked gate or a revert it
+could not apply; the pause outlives restarts): it records the resume in the ledger, which a running
+daemon follows at its next pass and a stopped one at its next start. `status` shows the pause in force.
 
 `revert` is exact: with the daemon stopped it takes the model lock, rebuilds the target version from
 the artefacts, checks its weights hash and records the revert (`daemon.model_state.revert_model`);
@@ -21,24 +29,26 @@ import argparse
 import dataclasses
 import getpass
 import json
+import os
 import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import ConfigError, Settings, add_common_arguments, settings_from_args
-from daemon.logs import configure_logging
+from daemon.bootstrap import LedgerMissing, command_parser, command_settings, load_model, open_ledger, open_model_state
+from daemon.config import Settings
 from store import commits as store_commits
+from store import pauses as store_pauses
 from store import work as store_work
-from store.db import make_engine, make_read_session_factory, make_session_factory, serialise_writers, upgrade_to_head
+from store.db import make_read_session_factory, make_session_factory, serialise_writers
 from store.errors import LedgerError, LedgerUnavailable, UnknownVersion
 from store.lock import ModelInUse, ModelLock
-from store.models import Commit, FactStatus, Revert
+from store.models import Commit, FactStatus, Pause, Revert
 from store.queries import (
     commit_detail,
     export_facts,
@@ -50,10 +60,8 @@ from store.queries import (
 )
 from store.work import requeue
 
-if TYPE_CHECKING:
-    from store.artefacts import ArtefactStore
-
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+PROG = "python -m daemon.ledger"
 STATUSES = tuple(status.value for status in FactStatus)
 REQUEUEABLE = tuple(status.value for status in store_work.REQUEUEABLE)
 READ_COMMANDS = frozenset({"status", "log", "show", "facts", "export"})
@@ -72,17 +80,16 @@ class UsageError(ValueError):
 
 
 class Refused(RuntimeError):
-    """A model command that cannot be carried out (exit 1); the message says why and what to do."""
+    """A command that cannot be carried out (exit 1); the message says why and what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m daemon.ledger", description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
+    parser = command_parser(PROG, __doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of readable text")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("status", parents=[common], help="counts by state and source, current version")
+    commands.add_parser("status", parents=[common], help="counts by state and source, current version, pause in force")
     log = commands.add_parser("log", parents=[common], help="commits, newest first")
     log.add_argument("--limit", type=_positive, default=None, help="show at most N commits")
     show = commands.add_parser("show", parents=[common], help="one fact (FACT_ID) or one commit (vVERSION)")
@@ -93,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     requeue = commands.add_parser("requeue", parents=[common], help="give rejected/failed/reverted facts another try")
     requeue.add_argument("ids", nargs="*", type=_positive, metavar="FACT_ID")
     requeue.add_argument("--status", choices=REQUEUEABLE, help="requeue every fact in this status")
+    resume = commands.add_parser("resume", parents=[common], help="end the pause in force: the daemon edits again")
+    resume.add_argument(
+        "--reason", required=True, type=_text, metavar="TEXT", help="why editing may go on (kept in the ledger)"
+    )
     export = commands.add_parser("export", help="facts as JSONL in the ingest format")
     _add_filters(export)
     export.add_argument("--output", type=Path, default=None, help="write to this file (default: stdout)")
@@ -130,6 +141,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty or whitespace")
+    return text
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -150,27 +167,22 @@ def _version(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m daemon.ledger`; returns the exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        print(f"python -m daemon.ledger: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     # Logs go to stderr so that stdout stays clean for --json and export.
-    configure_logging(settings.logging, stream=sys.stderr)
+    settings = command_settings(args, prog=PROG, log_stream=sys.stderr)
+    if settings is None:
+        return EXIT_USAGE
     return run(args, settings)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Open the ledger named by `settings`, upgrade it and run the command in `args`."""
+    """Open the existing ledger named by `settings`, upgrade it and run the command in `args`."""
     try:
-        engine = make_engine(
-            settings.ledger_url(),
-            sqlite_busy_timeout_ms=settings.store.sqlite_busy_timeout_ms,
-            sqlite_cache_mb=settings.store.sqlite_cache_mb,
-        )
-        upgrade_to_head(engine)
+        engine = open_ledger(settings, create=False)
+    except LedgerMissing as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except LedgerUnavailable as exc:
-        print(f"python -m daemon.ledger: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     try:
         if args.command in MODEL_COMMANDS:
@@ -182,10 +194,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             COMMANDS[args.command](session, args, sys.stdout)
         return EXIT_OK
     except UsageError as exc:
-        print(f"python -m daemon.ledger {args.command}: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (LedgerError, Refused) as exc:
-        print(f"python -m daemon.ledger {args.command}: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     finally:
         engine.dispose()
@@ -196,10 +208,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
     summary = status_summary(session)
-    if args.json:
-        return _print_json(out, summary)
+    pause = store_pauses.current_pause(session)
+    if args.json:  # "pause": the pause in force, or null while editing runs
+        return _print_json(out, dataclasses.asdict(summary) | {"pause": _pause_row(pause, _PAUSE_COLUMNS)})
     last = summary.last_commit
     lines = [f"version     v{summary.current_version}" + (" (base model)" if summary.current_version == 0 else "")]
+    if pause is not None:
+        lines.append(f"paused      {_pause_line(pause)}")
+        lines.append(f"            a revert or `{PROG} resume --reason TEXT` ends it")
     if last is not None:
         lines.append(f"last commit {_commit_line(last)}")
     lines.append("facts       " + _counts(summary.by_status))
@@ -244,7 +260,7 @@ def cmd_show(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
 def cmd_facts(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
     status = FactStatus(args.status) if args.status else None
     rows = find_facts(session, status=status, source=args.source, limit=args.limit)
-    if args.json:
+    if args.json:  # each row carries the fact's last error: why its last try did not commit it
         return _print_json(out, rows)
     for row in rows:
         version = f"v{row.commit_version}" if row.commit_version else "-"
@@ -263,6 +279,20 @@ def cmd_requeue(session: Session, args: argparse.Namespace, out: IO[str]) -> Non
     if args.json:
         return _print_json(out, {"requeued": ids})
     out.write(f"requeued {len(ids)} fact(s)" + (f": {_id_list(ids)}" if ids else "") + "\n")
+
+
+def cmd_resume(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
+    pause = store_pauses.current_pause(session)
+    if pause is None:
+        raise Refused("editing is not paused (no pause in force in the ledger): nothing to resume")
+    store_pauses.record_resume(session=session, resumed_by=f"cli:{_user_name()}: {args.reason}")
+    session.refresh(pause)
+    if args.json:
+        return _print_json(out, _pause_row(pause, (*_PAUSE_COLUMNS, "resumed_at", "resumed_by")))
+    out.write(
+        f"resumed: ended the pause {_pause_line(pause)}; a running daemon edits again at its next pass, "
+        "a stopped one when it starts\n"
+    )
 
 
 def cmd_export(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
@@ -291,6 +321,8 @@ _REVERT_COLUMNS = (
     "weights_restored_at",
 )
 
+_PAUSE_COLUMNS = ("id", "paused_at", "reason", "version")
+
 COMMANDS: dict[str, Callable[[Session, argparse.Namespace, IO[str]], None]] = {
     "status": cmd_status,
     "log": cmd_log,
@@ -298,6 +330,7 @@ COMMANDS: dict[str, Callable[[Session, argparse.Namespace, IO[str]], None]] = {
     "facts": cmd_facts,
     "requeue": cmd_requeue,
     "export": cmd_export,
+    "resume": cmd_resume,
 }
 
 
@@ -348,8 +381,7 @@ def cmd_revert(context: ModelContext, args: argparse.Namespace, out: IO[str]) ->
 
 
 def _revert_offline(context: ModelContext, args: argparse.Namespace, out: IO[str], who: str) -> int:
-    from daemon.model_state import open_history, revert_model, revert_target
-    from editing.model.loading import load_model
+    from daemon.model_state import revert_model, revert_target
 
     began = time.perf_counter()
     settings = context.settings
@@ -357,9 +389,9 @@ def _revert_offline(context: ModelContext, args: argparse.Namespace, out: IO[str
     with context.read_sessions() as session:
         target = revert_target(session, to_version=args.to_version, last=args.last)
         _check_rebuildable(settings, session, target, "revert to")
-    loaded = load_model(settings.model, cache_dir=settings.model_cache_dir())
+    loaded = load_model(settings)
     load_seconds = time.perf_counter() - began
-    history, _ = open_history(settings, loaded, context.sessions)
+    history = open_model_state(settings, loaded, context.sessions)
     # We hold the model lock, so no one else records commits or carries out reverts meanwhile: the
     # target checked above is still the one `--last` meant.
     outcome = revert_model(
@@ -422,7 +454,7 @@ def _revert_through_daemon(
     if restored:
         return EXIT_OK
     print(
-        f"python -m daemon.ledger revert: the daemon has not restored the weights of v{target} {until}; "
+        f"{PROG} revert: the daemon has not restored the weights of v{target} {until}; "
         f"revert #{revert_id} is recorded and the daemon applies it before its next edit "
         "(or when it next starts); `python -m daemon.ledger log --json` shows weights_restored_at once done",
         file=sys.stderr,
@@ -460,28 +492,18 @@ def _revert_summary(row: dict[str, Any]) -> str:
 
 def _check_rebuildable(settings: Settings, session: Session, version: int, action: str) -> None:
     """Refuse (BeyondHorizon) a version the artefacts left cannot rebuild, naming the horizon; no model needed."""
-    from daemon.model_state import artefact_store, check_rebuildable
+    from daemon.model_state import artefact_store, check_rebuildable, commit_refs
+    from editing.state.history import beyond_horizon, reachable_horizon
     from store.retention import BeyondHorizon
 
     store = artefact_store(settings)
     try:
         check_rebuildable(store, session, version)
     except BeyondHorizon as exc:
-        raise BeyondHorizon(
-            f"cannot {action} version {version}: it is beyond the retention horizon; the oldest version that can "
-            f"still be rebuilt is {_horizon(store, session)} (store.retention_commits = "
-            f"{settings.store.retention_commits}, store.snapshot_every = {settings.store.snapshot_every}). "
-            f"Nothing was changed. ({exc})"
+        oldest = reachable_horizon(store, commit_refs(session), store_commits.current_version(session))
+        raise beyond_horizon(
+            action, version, oldest, settings.store.retention_commits, settings.store.snapshot_every, exc
         ) from None
-
-
-def _horizon(store: ArtefactStore, session: Session) -> int:
-    from store.artefacts import ArtefactKind
-    from store.retention import chain_to, horizon
-
-    parents = {version: parent for version, (parent, _, _) in store_commits.commit_parents(session).items()}
-    chain = chain_to(store_commits.current_version(session), parents)
-    return horizon(chain, store.versions(ArtefactKind.SNAPSHOT), store.versions(ArtefactKind.COMMIT))
 
 
 def cmd_export_model(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
@@ -506,8 +528,7 @@ def cmd_export_model(context: ModelContext, args: argparse.Namespace, out: IO[st
 
 
 def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
-    from daemon.model_state import commit_refs, open_history
-    from editing.model.loading import load_model
+    from daemon.model_state import commit_refs
     from editing.state.export import export_model
 
     began = time.perf_counter()
@@ -519,8 +540,8 @@ def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str])
                 f"no commit with version {version} in the ledger; see `python -m daemon.ledger log` (0 is the base model)"
             )
         _check_rebuildable(settings, session, version, "export")
-    loaded = load_model(settings.model, cache_dir=settings.model_cache_dir())
-    history, _ = open_history(settings, loaded, context.sessions)
+    loaded = load_model(settings)
+    history = open_model_state(settings, loaded, context.sessions)
     staged = None
     if version != history.state.version:
         # Another version than the live one: rebuilt and hash-checked, never published.
@@ -528,6 +549,7 @@ def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str])
             refs = commit_refs(session)
         staged, _, _ = history.stage_version(version, refs)
     info = export_model(loaded, history.state, out_dir=args.out_dir, staged=staged)
+    _share_like_ordinary_files(info.out_dir)
     seconds = time.perf_counter() - began
     result = {
         "version": info.version,
@@ -544,6 +566,18 @@ def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str])
             f"to {info.out_dir} in {seconds:.1f} s\n"
         )
     return EXIT_OK
+
+
+def _share_like_ordinary_files(directory: Path) -> None:
+    """Give an exported directory the permissions of anything else written here (0755 / 0644 under umask 022).
+
+    The export is staged in a private temporary directory (0700) and safetensors writes its file 0600:
+    left so, a model server running as another user could not read the model it is meant to serve.
+    """
+    umask = os.umask(0)  # the only way to read the umask is to set it; put back at once
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 MODEL_COMMANDS: dict[str, ModelCommand] = {"revert": cmd_revert, "export-model": cmd_export_model}
@@ -589,6 +623,14 @@ def _commit_line(commit: Any) -> str:
         f"v{commit.version} (parent v{commit.parent_version}) {when} {commit.fact_count} fact(s) "
         f"gate {commit.gate_verdict}{state}"
     )
+
+
+def _pause_row(pause: Pause | None, columns: Sequence[str]) -> dict[str, Any] | None:
+    return None if pause is None else {column: getattr(pause, column) for column in columns}
+
+
+def _pause_line(pause: Pause) -> str:
+    return f"since {_jsonable(pause.paused_at)} at v{pause.version}: {pause.reason}"
 
 
 def _counts(counts: dict[str, int]) -> str:

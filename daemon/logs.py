@@ -1,8 +1,11 @@
 """Logging set-up: structlog for our events, with the stdlib loggers of our dependencies in the same stream.
 
-`configure_logging` is called once, by an entry point. Modules get loggers with
-`structlog.get_logger(__name__)` (or `logging.getLogger(__name__)` for library-style code); both end
-up as one JSON object per line when standard output is not a terminal, readable lines otherwise.
+`configure_logging` is called once, by an entry point (through `daemon.bootstrap`). Modules get
+loggers with `structlog.get_logger(__name__)` (or `logging.getLogger(__name__)` for library-style
+code); both end up as one JSON object per line when the stream is not a terminal, readable lines
+otherwise. Logging to standard output or standard error means the process's stream as it is when a
+line is written, so a command run in-process (by a test that captures its output) leaves no handler
+on a stream that has since been closed.
 """
 
 from __future__ import annotations
@@ -30,6 +33,29 @@ def _shared_processors() -> list[Any]:
     ]
 
 
+class _StandardStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler on `sys.stdout` or `sys.stderr` as they are at each record, not as they were at set-up."""
+
+    def __init__(self, name: str) -> None:
+        self._stream_name = name
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return getattr(sys, self._stream_name)  # type: ignore[no-any-return]
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass  # always the standard stream of its name
+
+
+def _handler(stream: IO[str]) -> logging.Handler:
+    for name in ("stdout", "stderr"):
+        if stream is getattr(sys, name):
+            return _StandardStreamHandler(name)
+    return logging.StreamHandler(stream)
+
+
 def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> None:
     """Configure structlog and the stdlib root logger to write to `stream` (default: stdout)."""
     stream = stream or sys.stdout
@@ -45,7 +71,7 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None) -> N
             renderer,
         ],
     )
-    handler = logging.StreamHandler(stream)
+    handler = _handler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

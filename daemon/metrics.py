@@ -10,36 +10,36 @@ values: configured source names, fixed outcome and phase sets, probe names from 
 and rejection reason *codes* (`daemon.rejection_codes`), never fact ids, URLs or free text. An
 unknown outcome or phase is counted as ``other`` and logged, never raised: a metrics call must not
 break the edit loop. docs/monitoring.md lists every series.
+
+The gauges of the service's state (readiness, paused, the editor, the gate's drift from the base
+model) are not set by anyone: `ServiceStateCollector` reads them from the `ServiceState` given to
+`watch` on each scrape, as `daemon.process_memory` reads the process's memory.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Literal
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from daemon.config import MetricsConfig
 from daemon.process_memory import ProcessMemoryCollector
 from daemon.rejection_codes import reason_code
+from daemon.service_state import BatchOutcome, BatchPhase, EditorState, RevertOutcome, ServiceState
+from store.models import ProbeKind
 
 log = structlog.get_logger(__name__)
 
-BatchOutcome = Literal["committed", "rejected", "failed", "rolled_back"]
-BatchPhase = Literal["claim", "prepare", "edit", "gate", "commit", "restore"]
-EditorState = Literal["missing", "training", "ready", "failed"]
-ProbeKind = Literal["gate", "periodic", "baseline"]
-RevertOutcome = Literal["done", "refused", "failed"]
-
-BATCH_OUTCOMES: tuple[str, ...] = ("committed", "rejected", "failed", "rolled_back")
-BATCH_PHASES: tuple[str, ...] = ("claim", "prepare", "edit", "gate", "commit", "restore")
-EDITOR_STATES: tuple[str, ...] = ("missing", "training", "ready", "failed")
-PROBE_KINDS: tuple[str, ...] = ("gate", "periodic", "baseline")
-REVERT_OUTCOMES: tuple[str, ...] = ("done", "refused", "failed")
+BATCH_OUTCOMES: tuple[str, ...] = tuple(BatchOutcome)
+BATCH_PHASES: tuple[str, ...] = tuple(BatchPhase)
+PROBE_KINDS: tuple[str, ...] = tuple(ProbeKind)
+REVERT_OUTCOMES: tuple[str, ...] = tuple(RevertOutcome)
 QUALITY_METRICS: tuple[str, ...] = ("efficacy", "generalization", "specificity")
 
 # Edit batches, probe runs and reverts last from about a second (a small batch on a GPU) to tens of
@@ -68,9 +68,14 @@ class Metrics:
         self._build_model(registry)
         self._build_probes(registry)
         self._build_sources(registry)
-        self._build_editor(registry)
         self._build_serving(registry)
+        self.service_state = ServiceStateCollector()
+        registry.register(self.service_state)
         registry.register(ProcessMemoryCollector())
+
+    def watch(self, state: ServiceState, readiness: Callable[[], Sequence[str]]) -> None:
+        """Report `state` on every scrape, and `readiness()` (the reasons /readyz gives) as ked_ready."""
+        self.service_state.state, self.service_state.readiness = state, readiness
 
     # --- construction --------------------------------------------------------------------------
 
@@ -123,10 +128,6 @@ class Metrics:
         self.model_info = Gauge(
             "ked_model_info", "The loaded model (value 1).", ["model_type", "fingerprint"], registry=r
         )
-        self.ready = Gauge("ked_ready", "1 when /readyz answers 200, else 0.", registry=r)
-        self.paused = Gauge(
-            "ked_editing_paused", "1 while editing is paused (drift policy or a failed revert), else 0.", registry=r
-        )
 
     def _build_probes(self, r: CollectorRegistry) -> None:
         self.probe_score = Gauge("ked_probe_score_ratio", "Latest score (0..1) of each probe.", ["probe"], registry=r)
@@ -152,16 +153,6 @@ class Metrics:
             "ked_source_fetch_duration_seconds", "Wall time of one source poll (fetch and parse).",
             ["source"], buckets=FETCH_BUCKETS, registry=r,
         )
-
-    def _build_editor(self, r: CollectorRegistry) -> None:
-        self.editor_state = Gauge("ked_editor_state", "1 for the editor's current state, 0 for others.", ["state"], registry=r)
-        self.training_progress = Gauge(
-            "ked_editor_training_progress_ratio", "Share of the editor's training steps done (0..1).", registry=r
-        )
-        self.training_step = Gauge("ked_editor_training_step", "Training steps done.", registry=r)
-        self.training_loss = Gauge("ked_editor_training_loss", "Latest training loss of the editor.", registry=r)
-        for state in EDITOR_STATES:
-            self.editor_state.labels(state).set(0)
 
     def _build_serving(self, r: CollectorRegistry) -> None:
         self.http_requests = Counter(
@@ -234,21 +225,13 @@ class Metrics:
     def observe_revert(self, outcome: RevertOutcome, seconds: float) -> None:
         """Count one revert request and, when it ran, its wall time."""
         self.reverts.labels(_bounded(outcome, REVERT_OUTCOMES, "revert outcome")).inc()
-        if outcome == "done":
+        if outcome == RevertOutcome.DONE:
             self.revert_duration.observe(max(seconds, 0.0))
 
     def set_model_info(self, *, model_type: str, fingerprint: str) -> None:
         """Describe the loaded model (fingerprint shortened to 16 characters)."""
         self.model_info.clear()
         self.model_info.labels(model_type, fingerprint[:16]).set(1)
-
-    def set_paused(self, paused: bool) -> None:
-        """1 while the edit loop is paused."""
-        self.paused.set(1 if paused else 0)
-
-    def set_ready(self, ready: bool) -> None:
-        """Mirror /readyz: 1 ready, 0 not."""
-        self.ready.set(1 if ready else 0)
 
     # --- probes -------------------------------------------------------------------------------
 
@@ -283,23 +266,6 @@ class Metrics:
         self.source_up.labels(source).set(1 if up else 0)
         self.source_failures.labels(source).set(consecutive_failures)
 
-    # --- editor training ----------------------------------------------------------------------
-
-    def set_editor_state(self, state: EditorState) -> None:
-        """Set the editor's state (one-hot over EDITOR_STATES)."""
-        current = _bounded(state, EDITOR_STATES, "editor state")
-        for name in EDITOR_STATES:
-            self.editor_state.labels(name).set(1 if name == current else 0)
-        if current == "ready":
-            self.training_progress.set(1)
-
-    def observe_training(self, *, step: int, total_steps: int, loss: float | None = None) -> None:
-        """Record training progress of the editor (first run)."""
-        self.training_step.set(step)
-        self.training_progress.set(min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 0.0)
-        if loss is not None:
-            self.training_loss.set(loss)
-
     # --- serving ------------------------------------------------------------------------------
 
     def observe_http_request(self, *, method: str, route: str, code: int, seconds: float) -> None:
@@ -318,3 +284,58 @@ class Metrics:
         """(body, content type) of a scrape: OpenMetrics when `accept` asks for it, else the text format."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+#: Name and help of each gauge `ServiceStateCollector` reports.
+STATE_GAUGES: dict[str, str] = {
+    "ked_ready": "1 when /readyz answers 200, else 0.",
+    "ked_editing_paused": "1 while editing is paused (drift policy, a gate that finds the live model beyond its "
+    "budget, or a failed revert), else 0. Queries are still answered.",
+    "ked_editor_state": "1 for the editor's current state, 0 for others.",
+    "ked_editor_training_progress_ratio": "Share of the editor's training steps done (0..1).",
+    "ked_editor_training_step": "Training steps done.",
+    "ked_editor_training_loss": "Latest training loss of the editor.",
+    "ked_gate_base_agreement_ratio": "Top-1 agreement of the live model with the frozen base model on the gate's "
+    "prompts, as the gate measured it for the commit that made the live version (1 for the base model).",
+    "ked_gate_base_mean_kl_nats": "Mean KL(base || live) of next-token distributions on the gate's prompts, as the "
+    "gate measured it for the commit that made the live version (0 for the base model).",
+}
+
+
+def _gauge(name: str, value: float | None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, STATE_GAUGES[name])
+    if value is not None:  # a value not known yet is left out rather than reported as 0
+        family.add_metric([], value)
+    return family
+
+
+class ServiceStateCollector(Collector):
+    """The gauges of the service's state, read from `state` (and `readiness()`) on every scrape.
+
+    Until `Metrics.watch` gives it the service's state it reports a fresh `ServiceState` and "not ready".
+    """
+
+    def __init__(self) -> None:
+        self.state = ServiceState()
+        self.readiness: Callable[[], Sequence[str]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.state.now()
+        yield _gauge("ked_ready", float(self.readiness is not None and not self.readiness()))
+        yield _gauge("ked_editing_paused", float(now.paused))
+        editor = GaugeMetricFamily("ked_editor_state", STATE_GAUGES["ked_editor_state"], labels=["state"])
+        for state in EditorState:
+            editor.add_metric([state.value], float(state is now.editor))
+        yield editor
+        training = now.training
+        yield _gauge("ked_editor_training_progress_ratio", now.training_ratio)
+        yield _gauge("ked_editor_training_step", training.step if training else 0)
+        yield _gauge("ked_editor_training_loss", training.loss if training and training.loss is not None else 0)
+        drift = now.drift
+        yield _gauge("ked_gate_base_agreement_ratio", drift.agreement if drift else None)
+        yield _gauge("ked_gate_base_mean_kl_nats", drift.mean_kl if drift else None)
+
+    def describe(self) -> Iterator[Metric]:
+        # Described without collecting, so registering never runs the readiness check.
+        for name, help_text in STATE_GAUGES.items():
+            yield GaugeMetricFamily(name, help_text)

@@ -35,7 +35,7 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class RevertOutcome:
+class RevertReport:
     """A revert carried out on the live weights."""
 
     revert_id: int
@@ -143,7 +143,7 @@ def revert_model(
     last: int | None,
     reason: str | None,
     requested_by: str,
-) -> RevertOutcome:
+) -> RevertReport:
     """Exact revert of the live weights and the ledger together (the caller is the model's one writer).
 
     Raises UnknownVersion (not on the active chain), BeyondHorizon (artefacts pruned) before anything
@@ -172,7 +172,7 @@ def revert_model(
             )
 
     history.revert_to(target, refs, record=record)
-    outcome = RevertOutcome(
+    outcome = RevertReport(
         revert_id=done["id"],
         from_version=done["from_version"],
         to_version=target,

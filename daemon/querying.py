@@ -1,7 +1,8 @@
 """Answering a /v1/query with a loaded model: a greedy completion and the probability of given answers.
 
 `answer_query` does the model work only; the caller holds whatever guarantees a consistent version
-of the weights (the service's read lock) and passes that version in. Answers are scored as the
+of the weights (the service's read lock) and passes that version in. The completion is the greedy
+decoding of `daemon.generation`, the loop the OpenAI routes use too. Answers are scored as the
 editor scores targets (`editing.model.scoring.answer_scores`): ``" " + answer`` teacher-forced after the
 prompt, so the probability of "Paris" after "The capital of France is" is that of " Paris".
 """
@@ -12,14 +13,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from daemon.api_models import AnswerProbability, QueryResult
+from daemon.generation import Sampling, check_context, generate, text_prompt
 from daemon.service_view import InvalidInput
 from editing.errors import DataFormatError
-from editing.model.scoring import answer_scores, model_device
-from editing.model.tokenise import encode_answer, pad_id
+from editing.model.scoring import answer_scores
+from editing.model.tokenise import encode_answer
 
 SCORING_BATCH = 8
 
@@ -28,24 +29,10 @@ def complete(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int)
     """Greedy continuation of `prompt` (at most `max_new_tokens`, stopping at EOS): (text, tokens generated)."""
     if max_new_tokens == 0:
         return "", 0
-    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)
-    input_ids = encoded["input_ids"].to(model_device(model))
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and input_ids.shape[1] + max_new_tokens > context:
-        raise InvalidInput(
-            f"prompt: {input_ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceed the model's "
-            f"context of {context} tokens; shorten the prompt"
-        )
-    with torch.no_grad():
-        output = model.generate(  # type: ignore[operator]
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id(tokenizer),
-        )
-    new_tokens = output[0, input_ids.shape[1] :]
-    return str(tokenizer.decode(new_tokens, skip_special_tokens=True)), int(new_tokens.shape[0])
+    prompt_ids = text_prompt(tokenizer, prompt)
+    check_context(model, len(prompt_ids), max_new_tokens, "max_new_tokens")
+    generation = generate(model, tokenizer, prompt_ids, Sampling(max_tokens=max_new_tokens))
+    return generation.text, generation.completion_tokens
 
 
 def score_answers(model: nn.Module, tokenizer: Any, prompt: str, answers: Sequence[str]) -> list[AnswerProbability]:

@@ -36,22 +36,24 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.api import create_app
 from daemon.api_guards import check_exposure
+from daemon.bootstrap import load_editor, load_model, open_ledger, open_model_state
 from daemon.config import Settings
 from daemon.edit_loop import EditLoop
-from daemon.first_run import TrainingStopped, checkpoint_exists, checkpoint_id, load_editor, train_editor
+from daemon.first_run import TrainingStopped, checkpoint_exists, checkpoint_id, train_editor
 from daemon.http_server import HttpServer
 from daemon.ledger_view import LedgerView
 from daemon.metrics import Metrics
-from daemon.model_state import edited_modules, open_history
+from daemon.model_state import edited_modules
+from daemon.service_state import EditorState, ServiceState
 from daemon.view import DaemonView
 from editing.errors import EditingError
 from editing.gate.specificity import FrozenBase, ReferenceStore
-from editing.model.loading import LoadedModel, load_model
+from editing.model.loading import LoadedModel
 from ingest.polling import Poll
 from ingest.scheduling import schedule_sources, source_health
 from store import queries
 from store.artefacts import ArtefactError
-from store.db import make_engine, make_read_session_factory, make_session_factory, safe_url, upgrade_to_head
+from store.db import make_read_session_factory, make_session_factory, safe_url
 from store.lock import ModelLock
 from store.work import reset_stuck_editing
 
@@ -77,6 +79,8 @@ class Service:
     force_exit: bool = False
     started: bool = False
     view: DaemonView | None = None
+    #: What the service is doing: written here and by the edit loop, read by the API and the metrics.
+    state: ServiceState = field(default_factory=ServiceState)
     metrics: Metrics | None = None
     _engine: Engine | None = None
     _scheduler: BackgroundScheduler | None = None
@@ -107,19 +111,14 @@ class Service:
             model_type=self.view.model.model_type if self.view and self.view.model else None,
             fingerprint=self.view.model.fingerprint[:16] if self.view and self.view.model else None,
             version=self.view.weights.version if self.view and self.view.weights else None,
-            editor=self.view.editor_state if self.view else None,
+            editor=self.state.now().editor,
             api=self._server.url if self._server else None,
             seconds=round(time.monotonic() - began, 2),
         )
 
     def _open_ledger(self) -> None:
         settings = self.settings
-        self._engine = make_engine(
-            settings.ledger_url(),
-            sqlite_busy_timeout_ms=settings.store.sqlite_busy_timeout_ms,
-            sqlite_cache_mb=settings.store.sqlite_cache_mb,
-        )
-        upgrade_to_head(self._engine)
+        self._engine = open_ledger(settings)
         sessions = make_session_factory(self._engine)
         with sessions.begin() as session:
             stuck = reset_stuck_editing(session=session)
@@ -129,9 +128,10 @@ class Service:
         # Fact submission writes, so the API's ledger view uses the ordinary (immediate) sessions; the
         # read-only factory serves the housekeeping reads without queueing behind writers.
         self._read_sessions = make_read_session_factory(self._engine)
-        self.view = DaemonView(ledger=LedgerView(sessions, settings.ingest, self.metrics), sessions=sessions)
-        self.metrics.set_editor_state("missing")
-        self.metrics.set_ready(False)
+        self.view = DaemonView(
+            ledger=LedgerView(sessions, settings.ingest, self.metrics), sessions=sessions, state=self.state
+        )
+        self.metrics.watch(self.state, self.view.readiness)
         log.info("ledger open", url=safe_url(settings.ledger_url()))
 
     def _start_api(self) -> None:
@@ -180,15 +180,15 @@ class Service:
         assert self.view is not None and self.metrics is not None
         settings = self.settings
         log.info("loading model", source=settings.model.source, device=settings.model.device)
-        loaded = load_model(settings.model, cache_dir=settings.model_cache_dir())
+        loaded = load_model(settings)
         names = edited_modules(settings, loaded)
         # The base values of the edited weights, taken before recovery publishes any edit: the gate and
         # the probes compare against them.
         base = FrozenBase.capture(loaded.model, loaded.fingerprint, [f"{name}.weight" for name in names])
         references = ReferenceStore(base, settings.state_dir / "references")
-        history, _ = open_history(settings, loaded, self.view.sessions)
+        history = open_model_state(settings, loaded, self.view.sessions)
         self.edit_loop = EditLoop(
-            settings, self.view.sessions, history, loaded, references, self.metrics, self.view, self.should_exit
+            settings, self.view.sessions, history, loaded, references, self.metrics, self.state, self.should_exit
         )
         self.view.weights = history.state
         self.view.model = loaded
@@ -204,12 +204,12 @@ class Service:
         if checkpoint_exists(directory):
             self._attach_editor(loaded)
         elif settings.edit_loop.train_if_missing:
-            self._set_editor("training", f"first run: training an editor into {directory}")
+            self._set_editor(EditorState.TRAINING, f"first run: training an editor into {directory}")
             self._trainer = threading.Thread(target=self._train, args=(loaded,), name="editor-training", daemon=True)
             self._trainer.start()
         else:
             self._set_editor(
-                "missing",
+                EditorState.MISSING,
                 f"no editor checkpoint in {directory} and [edit_loop] train_if_missing is false; "
                 "run `python -m editing.train`",
             )
@@ -241,20 +241,14 @@ class Service:
             self.edit_loop.attach_editor(editor, checkpoint_id(directory))
         except (EditingError, ArtefactError, OSError) as exc:
             log.error("the editor cannot be used", checkpoint=str(directory), error=str(exc))
-            self._set_editor("failed", str(exc))
+            self._set_editor(EditorState.FAILED, str(exc))
             return
-        self._set_editor("ready", None)
+        self._set_editor(EditorState.READY, None)
         log.info("editor ready", checkpoint=str(directory))
 
     def _train(self, loaded: LoadedModel) -> None:
-        assert self.metrics is not None
-        metrics = self.metrics
-
         def progress(done: int, total: int, loss: float) -> None:
-            metrics.observe_training(step=done, total_steps=total, loss=loss)
-            if self.view is not None:
-                self.view.editor_detail = f"first run: training batch {done} of {total}"
-                self.view.training_progress = min(1.0, done / total) if total else None
+            self.state.observe_training(step=done, total=total, loss=loss)
             log.info("editor training", batch=done, batches=total, edit_loss=round(loss, 4))
 
         try:
@@ -263,26 +257,21 @@ class Service:
             )
         except TrainingStopped:
             log.info("editor training stopped; it starts again at the next start")
-            self._set_editor("missing", "training was stopped")
+            self._set_editor(EditorState.MISSING, "training was stopped")
             return
         except Exception as exc:  # the daemon stays up (ingesting, answering) and says why it cannot edit
             log.exception("editor training failed")
-            self._set_editor("failed", f"training failed: {exc}")
+            self._set_editor(EditorState.FAILED, f"training failed: {exc}")
             return
         self._attach_editor(loaded)
 
-    def _set_editor(self, state: Any, detail: str | None) -> None:
-        if self.view is not None:
-            self.view.editor_state, self.view.editor_detail = state, detail
-        if self.metrics is not None:
-            self.metrics.set_editor_state(state)
-            if self.view is not None:
-                self.metrics.set_ready(not self.view.readiness())
+    def _set_editor(self, state: EditorState, detail: str | None) -> None:
+        self.state.set_editor(state, detail)
 
     # --- running ------------------------------------------------------------------------------------
 
     def housekeeping(self) -> None:
-        """Refresh the gauges that mirror the ledger (fact counts, version, source health, readiness)."""
+        """Refresh the gauges that mirror the ledger (fact counts, version, source health)."""
         if self.view is None or self.metrics is None:
             return
         try:
@@ -291,7 +280,6 @@ class Service:
                 health = source_health(session, self.settings.ingest)
         except SQLAlchemyError as exc:
             log.warning("housekeeping: ledger not reachable", error=str(exc).splitlines()[0])
-            self.metrics.set_ready(False)
             return
         self.metrics.set_fact_counts(summary.by_status)
         last = summary.last_commit
@@ -300,7 +288,6 @@ class Service:
             self.metrics.set_source_health(
                 source.name, up=source.healthy, consecutive_failures=source.consecutive_failures
             )
-        self.metrics.set_ready(not self.view.readiness())
 
     def request_stop(self) -> None:
         """Ask the service to stop at the next safe point."""
@@ -372,8 +359,7 @@ class Service:
 
     def close(self) -> None:
         """Stop polling and serving, release the ledger and the model lock. Bounded in time."""
-        if self.view is not None:
-            self.view.stopping = True
+        self.state.stop()
         self.should_exit.set()
         if self._scheduler is not None:
             # Source polls in flight finish their transaction or lose it whole; no need to wait for them.

@@ -12,7 +12,7 @@ message as ``detail``. Anything else is a bug and answers 500.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from daemon.api_models import (
     CommitOut,
@@ -24,6 +24,9 @@ from daemon.api_models import (
     SubmitSummary,
 )
 from store.models import FactStatus
+
+if TYPE_CHECKING:  # daemon.served_model raises the errors defined here
+    from daemon.served_model import GenerationRequest, GenerationSink, ServedGeneration, ServedVersion
 
 
 class ViewError(RuntimeError):
@@ -51,7 +54,7 @@ class InvalidInput(ViewError, ValueError):
 
 
 class Unavailable(ViewError):
-    """The service cannot do this now (model loading, editor training, paused, shutting down)."""
+    """The service cannot do this now (model loading, editor training, shutting down)."""
 
     status_code = 503
 
@@ -61,7 +64,12 @@ class ServiceView(Protocol):
 
     def readiness(self) -> list[str]:
         """Why the service is not ready (model and editor loaded and matching, ledger reachable, not
-        paused); an empty list when it is. Must answer quickly and never raise."""
+        shutting down); an empty list when it is. Paused editing is no reason: queries are still
+        answered. Must answer quickly and never raise."""
+        ...
+
+    def pause_reason(self) -> str | None:
+        """Why editing is paused (drift, a blocked gate, a failed revert), or None while it runs."""
         ...
 
     def status(self) -> ServiceStatus:
@@ -92,6 +100,17 @@ class ServiceView(Protocol):
     def query(self, prompt: str, answers: Sequence[str], max_new_tokens: int) -> QueryResult:
         """Greedy completion of `prompt` and the probability of each answer, all from one version of the
         live weights. Unavailable while no model is loaded; InvalidInput for an answer that tokenises to nothing."""
+        ...
+
+    def served_model(self) -> ServedVersion:
+        """The model the OpenAI routes serve: its id, the version of the live weights and their hash.
+        Unavailable while no model is loaded."""
+        ...
+
+    def generate(self, request: GenerationRequest, sink: GenerationSink | None = None) -> ServedGeneration:
+        """Answer a chat or text prompt from one whole version of the live weights (a commit or revert waits),
+        telling `sink` (when given) the version and then the text as it grows. Unavailable while no model is
+        loaded; NotFound for another model id; InvalidInput for a prompt it cannot take."""
         ...
 
     def request_revert(

@@ -1,8 +1,9 @@
 """The running daemon as the HTTP API sees it: `DaemonView` implements `daemon.service_view.ServiceView`.
 
 Reads go to the ledger through `LedgerView` (a session per call); queries read one consistent
-version of the live weights through `WeightState.reading()`; everything is thread-safe because the
-API calls it from several worker threads at once.
+version of the live weights through `WeightState.reading()`; the editor, pauses and stopping are read
+from the service's `ServiceState`. Everything is thread-safe because the API calls it from several
+worker threads at once.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from daemon.api_models import (
     SubmitSummary,
 )
 from daemon.ledger_view import LedgerView
-from daemon.model_state import RevertOutcome
+from daemon.model_state import RevertReport
 from daemon.querying import answer_query
+from daemon.served_model import GenerationRequest, GenerationSink, ServedGeneration, ServedModel, ServedVersion
+from daemon.service_state import EditorState, ServiceState
 from daemon.service_view import Conflict, InvalidInput, Unavailable
 from editing.model.loading import LoadedModel
 from editing.state.weights import WeightState
@@ -41,40 +44,42 @@ class DaemonView:
 
     ledger: LedgerView
     sessions: sessionmaker[Session]
+    state: ServiceState = field(default_factory=ServiceState)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     model: LoadedModel | None = None
     weights: WeightState | None = None
-    editor_state: str = "missing"
-    editor_detail: str | None = "not loaded yet"
-    training_progress: float | None = None
-    paused: bool = False
-    pause_reason: str | None = None
-    stopping: bool = False
     #: The edit loop's exact revert (set once the model state is open); without it reverts are refused.
-    reverter: Callable[..., RevertOutcome] | None = None
+    reverter: Callable[..., RevertReport] | None = None
+    #: What the OpenAI routes serve, built on first use from `model` and `weights`.
+    _served: ServedModel | None = field(default=None, init=False, repr=False)
 
     def readiness(self) -> list[str]:
+        # A pause is no reason: a paused daemon still answers queries, takes facts and reverts.
+        now = self.state.now()
         reasons = []
-        if self.stopping:
+        if now.stopping:
             reasons.append("shutting down")
         if self.model is None:
             reasons.append("model: loading")
-        if self.editor_state != "ready":
-            reasons.append(f"editor: {self.editor_state}" + (f" ({self.editor_detail})" if self.editor_detail else ""))
-        if self.paused:
-            reasons.append("editing paused" + (f" ({self.pause_reason})" if self.pause_reason else ""))
+        if now.editor is not EditorState.READY:
+            reasons.append(f"editor: {now.editor}" + (f" ({now.editor_detail})" if now.editor_detail else ""))
         problem = self.ledger.reachable()
         if problem:
             reasons.append(problem)
         return reasons
 
+    def pause_reason(self) -> str | None:
+        return self.state.now().pause_reason
+
     def status(self) -> ServiceStatus:
         reasons = self.readiness()
         model = self.model
+        now = self.state.now()
         return ServiceStatus(
             ready=not reasons,
             reasons=reasons,
-            paused=self.paused,
+            paused=now.paused,
+            pause_reason=now.pause_reason,
             started_at=self.started_at,
             model=None
             if model is None
@@ -85,9 +90,9 @@ class DaemonView:
                 device=str(model.device),
             ),
             editor=EditorStatus(
-                state=self.editor_state,  # type: ignore[arg-type]
-                detail=self.editor_detail,
-                training_progress=self.training_progress if self.editor_state == "training" else None,
+                state=now.editor,
+                detail=now.editor_detail,
+                training_progress=now.training.ratio if now.editor is EditorState.TRAINING and now.training else None,
             ),
             ledger=self.ledger.ledger_status(),
         )
@@ -99,7 +104,7 @@ class DaemonView:
         return self.ledger.get_fact(fact_id)
 
     def submit_facts(self, document: bytes, *, origin: str) -> SubmitSummary:
-        if self.stopping:
+        if self.state.now().stopping:
             raise Unavailable("the daemon is shutting down")
         return self.ledger.submit_facts(document, origin=origin)
 
@@ -122,6 +127,21 @@ class DaemonView:
                 )
             except ValueError as exc:
                 raise InvalidInput(str(exc)) from None
+
+    def served_model(self) -> ServedVersion:
+        with self._serving().pinned() as served:
+            return served
+
+    def generate(self, request: GenerationRequest, sink: GenerationSink | None = None) -> ServedGeneration:
+        return self._serving().generate(request, sink)
+
+    def _serving(self) -> ServedModel:
+        model, weights, served = self.model, self.weights, self._served
+        if model is None or weights is None:
+            raise Unavailable("the model is still loading")
+        if served is None or served.weights is not weights:
+            served = self._served = ServedModel(model, weights)
+        return served
 
     def request_revert(
         self, *, to_version: int | None, last: int | None, reason: str | None, requested_by: str

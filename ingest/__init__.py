@@ -11,7 +11,8 @@ Map of the package (docs/ingest.md describes the behaviour):
 - `fetch`: the HTTP client (timeouts, conditional GET, size limit, same-host redirects).
 - `dropfolder`, `jsonl`, `rss`, `web`: the four source kinds.
 - `scheduling`: `schedule_sources` (APScheduler jobs), back-off and `source_health`.
-- `cli`: `python -m ingest FILE_OR_URL...`.
+- `inputs`: files and URLs imported once (`python -m ingest FILE_OR_URL...`; the command itself,
+  which needs the settings, is `daemon.commands.ingest`, run by `__main__`).
 
 Importing this package does no work; the daemon imports `ingest.scheduling` when it starts.
 """

@@ -1,5 +1,4 @@
-import sys
+# `python -m ingest` keeps its name; the command needs the settings, so it lives in daemon.commands.ingest.
+from daemon.commands.ingest import main
 
-from ingest.cli import main
-
-sys.exit(main())
+raise SystemExit(main())

@@ -170,8 +170,11 @@ def _document_items(value: Any) -> list[Any]:
     raise DocumentError(f"expected a JSON list of facts or an object, not {type(value).__name__}")
 
 
-def json_records(data: bytes, limits: IngestLimits) -> list[RawRecord]:
-    """The records of a JSON document: a list of facts, `{"facts": [...]}`, or one fact object."""
+def parse_json_document(data: bytes) -> Any:
+    """The JSON value of a whole document; DocumentError says why `data` is not valid JSON.
+
+    Strict: UTF-8 (a leading BOM is skipped), no NaN or Infinity, no key twice in one object.
+    """
     if data.startswith(BOM):
         data = data[len(BOM) :]
     try:
@@ -179,13 +182,18 @@ def json_records(data: bytes, limits: IngestLimits) -> list[RawRecord]:
     except UnicodeDecodeError as exc:
         raise DocumentError(f"not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
     try:
-        value = _loads(text)
+        return _loads(text)
     except json.JSONDecodeError as exc:
         raise DocumentError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise DocumentError("JSON nested too deeply to parse") from None
     except ValueError as exc:
         raise DocumentError(f"invalid JSON: {exc}") from None
+
+
+def json_records(data: bytes, limits: IngestLimits) -> list[RawRecord]:
+    """The records of a JSON document: a list of facts, `{"facts": [...]}`, or one fact object."""
+    value = parse_json_document(data)
     records = []
     for number, item in enumerate(_document_items(value), start=1):
         position = f"item {number}"
@@ -254,3 +262,10 @@ def iter_document(
 def read_document(data: bytes, *, name: str, limits: IngestLimits, content_type: str | None = None) -> list[RawRecord]:
     """All records of one document (see `iter_document`). Raises DocumentError when it is unreadable."""
     return list(iter_document(data, name=name, limits=limits, content_type=content_type))
+
+
+def no_records_reason(name: str, data: bytes) -> str:
+    """The rejection reason of a file `name` holding `data` in which no record was found."""
+    if not data:
+        return f"file: {name} is an empty file (0 bytes); it contains no records"
+    return "file: contains no records"

@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.config import IngestConfig
-from ingest.documents import iter_document, safe_excerpt
+from ingest.documents import iter_document, no_records_reason, safe_excerpt
 from ingest.errors import DocumentError, UnsafePath
 from ingest.facts import Outcome, document_rejection, outcome_of
 from ingest.progress import dump_cursor, load_cursor
@@ -192,13 +192,14 @@ class DropFolder:
             else:
                 if produced:
                     return
-                problem = "file: contains no records"
+                problem = no_records_reason(name, data)
         yield document_rejection(source=self.source_name, location=location, excerpt=safe_excerpt(data), reason=problem)
 
     def _record(self, digest: str, outcomes: Iterator[Outcome]) -> tuple[int, Tally]:
         """Commit `outcomes` in chunks, skipping those the cursor says are already committed.
 
-        Returns the number of records and the whole file's tally (rejections collected for the report).
+        Returns the number of records in the file and the whole file's tally (rejections collected for
+        the report). A rejection of the whole file (empty, not JSON, too large) is no record.
         """
         with self.session_factory() as session:
             cursor = load_cursor(session, self.source_name)
@@ -219,7 +220,8 @@ class DropFolder:
             self.on_step("committed")
         if already is None:
             counts = finished[digest]
-        return seen, _tally_from(counts, rejections)
+        whole_file = sum(1 for r in rejections if r.origin.position is None)
+        return seen - whole_file, _tally_from(counts, rejections)
 
     def _save_cursor(self, session: Session, counts: dict[str, Any], *, done: bool) -> None:
         cursor = load_cursor(session, self.source_name)

@@ -4,8 +4,8 @@ Tables: `sources` (poll state and health), `facts` (normalised fact, status, sup
 that applied it), `fact_origins` (every arrival of a fact: provenance), `commits` (one row per
 committed edit, with everything needed to check and reproduce it), `commit_facts` (which facts each
 commit applied, kept even after a revert), `rejections` (input records that never became facts),
-`probe_runs` and `reverts` (the audit trail). Constraint names follow `NAMING_CONVENTION`, so
-migrations can refer to them on every back-end.
+`probe_runs`, `reverts` and `pauses` (the audit trail). Constraint names follow `NAMING_CONVENTION`,
+so migrations can refer to them on every back-end.
 """
 
 from __future__ import annotations
@@ -46,10 +46,26 @@ class FactStatus(enum.StrEnum):
     PENDING = "pending"  #: waiting to be edited into the model
     EDITING = "editing"  #: claimed by the edit loop; back to pending on restart if it crashed
     COMMITTED = "committed"  #: applied to the live weights by a commit
-    REJECTED = "rejected"  #: the gate refused the edit; requeue to try again
-    FAILED = "failed"  #: the edit raised an error; requeue to try again
+    REJECTED = "rejected"  #: the gate refused the edit (it harms specificity on its own); requeue to try again
+    FAILED = "failed"  #: the edit loop gave up on it, `failure_cause` says why; requeue to try again
     REVERTED = "reverted"  #: was committed, then removed by a revert; requeue to re-apply
     SUPERSEDED = "superseded"  #: replaced by a newer target for the same prompt
+
+
+class FailureCause(enum.StrEnum):
+    """Which part of the edit loop turned a fact's last try down; stored with its `last_error`."""
+
+    EFFICACY = "efficacy"  #: the edit did not reach `[gate] min_efficacy` on the fact's prompt
+    SPECIFICITY = "specificity"  #: the edit reached efficacy, but the gate's drift budgets had no room for it
+    ERROR = "error"  #: the edit raised an error (a bug or a resource problem, not the fact's doing)
+
+
+class ProbeKind(enum.StrEnum):
+    """What a `probe_runs` row measured."""
+
+    GATE = "gate"  #: the per-batch check of one edit batch (passed: the batch committed)
+    PERIODIC = "periodic"  #: the periodic probes of the live model (passed: no drift past the thresholds)
+    BASELINE = "baseline"  #: the probes of the base model, once per start
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -110,22 +126,29 @@ class Source(Base):
         return self.consecutive_failures == 0
 
 
-_fact_status = Enum(
-    FactStatus,
-    name="fact_status",
-    native_enum=False,
-    create_constraint=True,
-    length=16,
-    values_callable=lambda members: [m.value for m in members],
-    validate_strings=True,
-)
+def _values_of(enum_class: type[enum.StrEnum], name: str) -> Enum:
+    """A column type holding the values of `enum_class` as strings, checked by a constraint named `name`."""
+    return Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+_fact_status = _values_of(FactStatus, "fact_status")
+_failure_cause = _values_of(FailureCause, "failure_cause")
 
 
 class Fact(Base):
     """One fact (a normalised prompt -> target_new edit) and where it is in its life.
 
     `source_id`, `origin_location` and `origin_position` describe the first arrival; every arrival,
-    the first included, is a `FactOrigin` row.
+    the first included, is a `FactOrigin` row. `last_error` says why its last try did not commit it
+    (rejected, failed, or sent back for another try) and `failure_cause` which check that was.
     """
 
     __tablename__ = "facts"
@@ -144,6 +167,7 @@ class Fact(Base):
     status: Mapped[FactStatus] = mapped_column(_fact_status, default=FactStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    failure_cause: Mapped[FailureCause | None] = mapped_column(_failure_cause)
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))  # queries by source use fact_origins
     origin_location: Mapped[str] = mapped_column(Text)
     origin_position: Mapped[str | None] = mapped_column(Text)
@@ -223,7 +247,7 @@ class ProbeRun(Base):
     __tablename__ = "probe_runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(40))  # "gate", "periodic", "baseline"
+    kind: Mapped[str] = mapped_column(String(40))  # a ProbeKind
     commit_version: Mapped[int | None] = mapped_column(ForeignKey("commits.version"), index=True)
     started_at: Mapped[datetime] = mapped_column(default=utc_now)
     duration_seconds: Mapped[float | None] = mapped_column(Float)
@@ -246,6 +270,24 @@ class Revert(Base):
     reverted_commits: Mapped[int] = mapped_column(Integer)
     reverted_facts: Mapped[int] = mapped_column(Integer)
     weights_restored_at: Mapped[datetime | None]  # set by the model-state work once weights match
+
+
+class Pause(Base):
+    """Editing paused by the daemon (drift, a blocked gate, a failed revert), and when and by what it resumed.
+
+    A pause with no `resumed_at` is in force; it survives restarts until a revert, a resume, or a start
+    under another configuration (`config_hash`) ends it.
+    """
+
+    __tablename__ = "pauses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(default=utc_now)
+    reason: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)  # the live version when editing paused
+    config_hash: Mapped[str | None] = mapped_column(String(64))  # of the settings that shape an edit
+    resumed_at: Mapped[datetime | None]
+    resumed_by: Mapped[str | None] = mapped_column(Text)
 
 
 Index("ix_facts_status_id", Fact.status, Fact.id)

@@ -17,7 +17,19 @@ from sqlalchemy.orm import Session
 
 from store.commits import current_version
 from store.errors import UnknownFact, UnknownSource, UnknownVersion
-from store.models import Commit, CommitFact, Fact, FactOrigin, FactStatus, Rejection, Revert, Source
+from store.models import (
+    Commit,
+    CommitFact,
+    Fact,
+    FactOrigin,
+    FactStatus,
+    FailureCause,
+    ProbeKind,
+    ProbeRun,
+    Rejection,
+    Revert,
+    Source,
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,8 @@ class FactRow:
     attempts: int
     commit_version: int | None
     received_at: datetime
+    last_error: str | None  #: why its last try did not commit it
+    failure_cause: str | None  #: which check that was (a `FailureCause`)
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,7 @@ class FactView:
     content_hash: str
     attempts: int
     last_error: str | None
+    failure_cause: str | None  #: efficacy, specificity or error: which check turned its last try down
     received_at: datetime
     status_changed_at: datetime
     observed_at: datetime | None
@@ -205,6 +220,7 @@ def fact_detail(session: Session, fact_id: int) -> FactView:
         content_hash=fact.content_hash,
         attempts=fact.attempts,
         last_error=fact.last_error,
+        failure_cause=fact.failure_cause,
         received_at=fact.received_at,
         status_changed_at=fact.status_changed_at,
         observed_at=fact.observed_at,
@@ -225,13 +241,31 @@ def find_facts(
     """Facts in id order, optionally only one status and/or one source; raises UnknownSource."""
     query = (
         select(Fact.id, Fact.status, Fact.prompt, Fact.target_new, Source.name, Fact.attempts)
-        .add_columns(Fact.commit_version, Fact.received_at)
+        .add_columns(Fact.commit_version, Fact.received_at, Fact.last_error, Fact.failure_cause)
         .join(Source, Source.id == Fact.source_id)
         .order_by(Fact.id)
         .limit(limit)
     )
     query = _filtered(session, query, status, source)
     return [FactRow(row[0], row[1].value, *row[2:]) for row in session.execute(query)]
+
+
+def pending_failure_causes(session: Session, limit: int) -> list[FailureCause | None]:
+    """The failure cause of the `limit` pending facts `store.work.claim_pending` takes next, in its order (by id)."""
+    query = select(Fact.failure_cause).where(Fact.status == FactStatus.PENDING).order_by(Fact.id).limit(limit)
+    return list(session.scalars(query))
+
+
+def commit_gate_scores(session: Session, version: int) -> dict[str, Any] | None:
+    """The scores of the gate run that passed the commit of `version` (None: none recorded)."""
+    query = (
+        select(ProbeRun.scores)
+        .where(ProbeRun.kind == ProbeKind.GATE, ProbeRun.commit_version == version, ProbeRun.passed.is_(True))
+        .order_by(ProbeRun.id.desc())
+        .limit(1)
+    )
+    scores = session.scalars(query).first()
+    return dict(scores) if scores is not None else None
 
 
 def export_facts(

@@ -5,8 +5,8 @@ Legal edges (docs/ledger.md draws them):
     pending    -> editing      claimed by the edit loop (attempts + 1)
     pending    -> superseded   a newer target for the same prompt arrived before this one was edited
     editing    -> committed    applied by a commit (commit_version set)
-    editing    -> rejected     the gate refused the edit (last_error set)
-    editing    -> failed       the edit raised an error (last_error set)
+    editing    -> rejected     the gate refused the edit (last_error and failure_cause set)
+    editing    -> failed       the edit loop gave up on it (last_error and failure_cause set)
     editing    -> pending      recovery: the process stopped while the fact was claimed
     committed  -> reverted     its commit was reverted
     committed  -> superseded   a newer target for the same prompt was committed
@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from store.errors import IllegalTransition, LedgerError, UnknownFact
-from store.models import Fact, FactStatus, utc_now
+from store.models import Fact, FactStatus, FailureCause, utc_now
 
 S = FactStatus
 
@@ -71,13 +71,15 @@ def transition(
     error: str | None = None,
     superseded_by: int | None = None,
     commit_version: int | None = None,
+    failure_cause: FailureCause | None = None,
 ) -> int:
     """Move every fact in `fact_ids` to status `to`; all or none. Returns the number of facts moved.
 
     Side effects by target: `editing` counts an attempt; `rejected`/`failed` store `error` as
     `last_error` (required); `superseded` records `superseded_by` (required); `committed` from
     `editing` records `commit_version` (required), and from `superseded` clears `superseded_by`;
-    `pending` clears `commit_version` (commit_facts keeps the history).
+    `pending` clears `commit_version` (commit_facts keeps the history). Wherever `error` is stored,
+    `failure_cause` is stored with it (None when not given), so the two always describe the same try.
     Raises UnknownFact for an id not in the ledger and IllegalTransition (naming each fact and its
     current status) if any move is not in LEGAL_TRANSITIONS. Rows are locked (FOR UPDATE on
     Postgres; SQLite's immediate transaction holds the write lock) so the check cannot go stale.
@@ -97,6 +99,8 @@ def transition(
         by_origin.setdefault(current[fid], []).append(fid)
     for origin, group in by_origin.items():
         values = _side_effects(origin, to, error, superseded_by, commit_version)
+        if "last_error" in values:
+            values["failure_cause"] = failure_cause
         for part in chunks(group):
             session.execute(
                 update(Fact).where(Fact.id.in_(part)).values(status=to, status_changed_at=utc_now(), **values),

@@ -1,6 +1,8 @@
 """Ledger functions of the edit loop's work queue: claim pending facts, recover stuck ones, requeue.
 
-Like the rest of the ledger API these take a keyword-only `session` and never commit.
+Like the rest of the ledger API these take a keyword-only `session` and never commit. A fact's
+`attempts` counts the claims since it last entered the queue: arrival or an explicit requeue starts
+it at 0; a retry the gate asks for, or a claim undone by a crash, does not.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from store.errors import LedgerError
@@ -66,9 +68,11 @@ def requeue(*, session: Session, fact_ids: Sequence[int] | None = None, status: 
     """Give rejected, failed or reverted facts another try: move them to `pending`; returns their ids.
 
     Pass either `fact_ids` (each must be rejected, failed or reverted, or IllegalTransition is
-    raised and nothing changes) or `status` (every fact in that status). A requeue is the newest
-    statement about its prompt: any other pending fact with the same prompt is superseded by the
-    requeued one (of several requeued facts with one prompt, the highest id wins).
+    raised and nothing changes) or `status` (every fact in that status). A requeued fact gets a fresh
+    retry budget (`attempts` back to 0), so the edit loop edits it again rather than failing it at once
+    for the tries of its earlier round. A requeue is the newest statement about its prompt: any other
+    pending fact with the same prompt is superseded by the requeued one (of several requeued facts with
+    one prompt, the highest id wins).
     """
     if (fact_ids is None) == (status is None):
         raise LedgerError("requeue needs either fact ids or a status, not both and not neither")
@@ -79,6 +83,8 @@ def requeue(*, session: Session, fact_ids: Sequence[int] | None = None, status: 
         fact_ids = list(session.scalars(select(Fact.id).where(Fact.status == status).order_by(Fact.id)))
     ids = sorted(set(fact_ids or ()))
     transition(session=session, fact_ids=ids, to=FactStatus.PENDING)
+    for part in chunks(ids):
+        session.execute(update(Fact).where(Fact.id.in_(part)).values(attempts=0))
     _supersede_older_pending(session, ids)
     return ids
 

@@ -5,5 +5,7 @@
 - `scores.py`: the per-batch scores (paper metrics and clean variants) and their pooling.
 - `harness.py`: one method over a stream of edit batches, sequential or batch mode, measured on the final model.
 - `runner.py`: one evaluation run over several methods with the same facts, order and seed.
-- `report.py`: the JSON report, the Markdown table and the plot.
+- `locality.py`: the locality measures against the unedited model (confident retention, KL, known facts,
+  probe flips), the reference they need and the null edits' facts (docs/locality.md).
+- `report.py`: the JSON report, the Markdown table and the plot; `locality_section.py` its locality part.
 """

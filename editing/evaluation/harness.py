@@ -7,8 +7,12 @@ Modes:
 - `batch`: every batch is edited on the unedited model and measured, then the model and the editor
   state are restored before the next one (independent batch edits).
 
-Invariant: the model's weights and the method's editor state are the same after `run_stream` as before,
-even when it raises.
+With the unedited model's `locality.ModelReference`, the locality measures (docs/locality.md) are measured
+at the same points, and `measure_null_edit` measures them after a null edit: the zero edit, or a method's
+self edit.
+
+Invariant: the model's weights and the method's editor state are the same after `run_stream` (and
+`measure_null_edit`) as before, even when it raises.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from editing.data import EditExample
-from editing.engine.deltas import apply, master_copies, restore, snapshot
+from editing.engine.deltas import EditPlan, Snapshot, apply, master_copies, restore, snapshot
+from editing.evaluation.locality import ModelReference, measure_model, pool_rows, row_locality
 from editing.evaluation.methods import PreparedMethod
 from editing.evaluation.scores import BatchScores, DataKind, pool, score_batch
 from editing.model.edit_metrics import ReferencePredictions
@@ -65,16 +71,48 @@ class StreamResult:
     edit_cpu_seconds: float = 0.0
     edited_facts: int = 0
     edit_losses: list[float] = field(default_factory=list)  # loss of each batch before its edit
+    null_edit: dict[str, float] = field(default_factory=dict)  # the locality measures after the self edit
+    locality_seconds: float = 0.0  # spent on the locality measures (`locality.py`), the self edit included
 
 
-def _score_all(
-    model: nn.Module, tokenizer: object, batches: Sequence[Sequence[EditExample]], baseline: Baseline,
-    kind: DataKind, eval_batch_size: int,
-) -> list[BatchScores]:
-    return [
-        score_batch(model, tokenizer, batch, kind, reference, batch_size=eval_batch_size)[0]
-        for batch, reference in zip(batches, baseline.references, strict=False)
-    ]
+@dataclass
+class _Measure:
+    """Scores edited batches on the live model; with `locality`, the locality measures against `base` too."""
+
+    model: nn.Module
+    tokenizer: object
+    kind: DataKind
+    batch_size: int
+    base: Snapshot
+    locality: ModelReference | None
+    seconds: float = 0.0  # spent on the locality measures
+
+    def batches(self, batches: Sequence[Sequence[EditExample]], references: Sequence[ReferencePredictions]) -> list[BatchScores]:
+        out = []
+        for batch, reference in zip(batches, references, strict=False):
+            scores = score_batch(self.model, self.tokenizer, batch, self.kind, reference, batch_size=self.batch_size)[0]
+            if self.locality is not None:
+                began = time.perf_counter()
+                rows = row_locality(self.model, self.tokenizer, batch, self.base, counterfact=self.kind == "counterfact",
+                                    batch_size=self.batch_size)
+                scores = replace(scores, locality=rows)
+                self.seconds += time.perf_counter() - began
+            out.append(scores)
+        return out
+
+    def whole(self, *, probes: bool) -> dict[str, float]:
+        """The whole-model locality measures (empty without `locality`)."""
+        if self.locality is None:
+            return {}
+        began = time.perf_counter()
+        out = measure_model(self.model, self.tokenizer, self.locality, probes=probes, batch_size=self.batch_size)
+        self.seconds += time.perf_counter() - began
+        return out
+
+
+def _mean_of(measures: Sequence[dict[str, float]]) -> dict[str, float]:
+    names = dict.fromkeys(name for m in measures for name in m)
+    return {name: sum(m[name] for m in measures) / len(measures) for name in names if all(name in m for m in measures)}
 
 
 def run_stream(
@@ -90,15 +128,23 @@ def run_stream(
     eval_batch_size: int = 16,
     progress: bool = False,
     label: str = "",
+    locality: ModelReference | None = None,
 ) -> StreamResult:
-    """Edit `batches` with `method` in `mode` and measure (see the module docstring)."""
+    """Edit `batches` with `method` in `mode` and measure (see the module docstring).
+
+    With `locality` (the unedited model's `ModelReference`) the locality measures of `locality.py` join the
+    metrics: per batch, at every curve point (the probes only at the last) and, in batch mode, after every
+    batch (without the probes); and, when the reference holds self-edit facts, the method's self edit.
+    """
     if len(baseline.references) != len(batches):
         raise ValueError(f"the baseline covers {len(baseline.references)} batches, the stream has {len(batches)}")
     names = method.module_names
     saved, state = snapshot(model, names), method.state()
     masters = master_copies(model, names)
     result = StreamResult(final={}, per_batch=[])
+    measure = _Measure(model, tokenizer, kind, eval_batch_size, saved, locality)
     per_batch: list[BatchScores] = []
+    whole: list[dict[str, float]] = []  # the whole-model measures of each batch (batch mode) or of the final model
     try:
         for k, batch in enumerate(tqdm(batches, desc=label or method.spec.name, disable=not progress)):
             began, cpu = time.perf_counter(), time.process_time()
@@ -109,22 +155,70 @@ def run_stream(
             result.edit_cpu_seconds += time.process_time() - cpu
             result.edited_facts += len(batch)
             result.edit_losses.append(plan.steps[0].edit_loss if plan.steps else float("nan"))
+            last = k + 1 == len(batches)
             if mode == "batch":
-                reference = baseline.references[k : k + 1]
-                per_batch += _score_all(model, tokenizer, [batch], Baseline([], reference), kind, eval_batch_size)
+                per_batch += measure.batches([batch], baseline.references[k : k + 1])
+                whole.append(measure.whole(probes=False))
                 restore(model, saved)
                 masters = master_copies(model, names)
                 method.load_state(state)
-            elif curve_every and ((k + 1) % curve_every == 0 or k + 1 == len(batches)):
-                so_far = _score_all(model, tokenizer, batches[: k + 1], baseline, kind, eval_batch_size)
-                result.curve.append((k + 1, pool(so_far)))
-                if k + 1 == len(batches):
-                    per_batch = so_far
+            elif curve_every and ((k + 1) % curve_every == 0 or last):
+                so_far = measure.batches(batches[: k + 1], baseline.references)
+                point = measure.whole(probes=last)
+                result.curve.append((k + 1, pool(so_far) | point))
+                if last:
+                    per_batch, whole = so_far, [point]
         if mode == "sequential" and not per_batch:
-            per_batch = _score_all(model, tokenizer, batches, baseline, kind, eval_batch_size)
+            per_batch = measure.batches(batches, baseline.references)
+            whole = [measure.whole(probes=True)]
     finally:
         restore(model, saved)
         method.load_state(state)
-    result.final = pool(per_batch)
-    result.per_batch = [pool([scores]) for scores in per_batch]
+    result.final = pool(per_batch) | _mean_of(whole)
+    result.per_batch = [pool([scores]) | (whole[i] if mode == "batch" else {}) for i, scores in enumerate(per_batch)]
+    if locality is not None and locality.self_batch:
+        began = time.perf_counter()
+        result.null_edit = measure_null_edit(model, tokenizer, batches, kind, locality, method=method,
+                                             eval_batch_size=eval_batch_size)
+        measure.seconds += time.perf_counter() - began
+    result.locality_seconds = measure.seconds
     return result
+
+
+def measure_null_edit(
+    model: nn.Module,
+    tokenizer: object,
+    batches: Sequence[Sequence[EditExample]],
+    kind: DataKind,
+    reference: ModelReference,
+    *,
+    method: PreparedMethod | None = None,
+    module_names: Sequence[str] = (),
+    eval_batch_size: int = 16,
+) -> dict[str, float]:
+    """Every locality measure after one null edit of the unedited `model` (restored after, with the method's state).
+
+    Without `method`, the zero edit: ΔW = 0 on every module of `module_names`, applied as every edit is. It
+    checks the measurement itself: retention and confident retention 100, both KLs 0, known facts 100, no
+    probe flip, exactly. With `method`, its edit of `reference.self_batch` (facts whose targets are the
+    unedited model's own answers): it should change nothing, and what it changes is the method's noise floor.
+    The row measures cover the locality rows of the first `reference.options.null_batches` batches.
+    """
+    names = method.module_names if method is not None else list(module_names)
+    saved, masters = snapshot(model, names), master_copies(model, names)
+    state = method.state() if method is not None else {}
+    try:
+        if method is None:
+            plan = EditPlan({name: torch.zeros_like(weight) for name, weight in masters.items()})
+        else:
+            plan = method.editor.propose(list(reference.self_batch), masters)
+        apply(model, plan, masters)
+        rows = [
+            row_locality(model, tokenizer, batch, saved, counterfact=kind == "counterfact", batch_size=eval_batch_size)
+            for batch in batches[: reference.options.null_batches]
+        ]
+        return pool_rows(rows) | measure_model(model, tokenizer, reference, batch_size=eval_batch_size)
+    finally:
+        restore(model, saved)
+        if method is not None:
+            method.load_state(state)

@@ -19,6 +19,8 @@ training facts, or loaded from a checkpoint.
 | emsedit2-mem, emsedit2-mem-cov | EMSEdit + this project's edit memory (and key covariance) | 2 | as EMSEdit |
 
 Every method but the last two runs without the edit memory (`preserve_edits` 0), as its paper has it.
+`daemon_default_method` names the entry the daemon edits with by default (today `emsedit2-mem`), derived from
+the defaults of `EditorConfig` and `TrainingOptions` rather than written down.
 
 `parse_variant` derives a named variant of a registry entry with changed settings
 (`LABEL=BASE:field=value,...`) for experiments on training facts.
@@ -59,6 +61,8 @@ from editing.evaluation.baselines.ultraedit import UltraEditor, ultraedit_config
 logger = logging.getLogger(__name__)
 
 Family = Literal["ft", "hypernet", "mend", "ultraedit"]
+#: EditorConfig fields that say where and how an editor runs, not what it does
+_NOT_SETTINGS = {"checkpoint", "hypernet_device", "seed"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class MethodSpec:
         if self.family == "ft":
             out["ft"] = asdict(self.ft or FTConfig())
             return out
-        out["editor"] = self.editor.model_dump(mode="json", exclude={"checkpoint", "hypernet_device", "seed"})
+        out["editor"] = self.editor.model_dump(mode="json", exclude=_NOT_SETTINGS)
         out["training"] = asdict(self.training) if self.training else None
         return out
 
@@ -135,6 +139,28 @@ def get_method(name: str) -> MethodSpec:
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join([*METHODS, *ALIASES])}")
     return METHODS[key]
+
+
+def daemon_default_method() -> str | None:
+    """The registry entry that is the daemon's default editor, or None when no entry is.
+
+    The daemon builds its editor from `EditorConfig()` unless `[editor]` says otherwise, and trains it on first
+    run with the engine's default `TrainingOptions` (sized by its own batch count, batch size and seed): the
+    entry is the hypernetwork method with exactly those settings.
+    """
+    editor = EditorConfig().model_dump(mode="json", exclude=_NOT_SETTINGS)
+    schedule = asdict(TrainingOptions())
+    sized = ("n_batches", "batch_size", "seed")  # the daemon sizes its training itself
+
+    def is_default(spec: MethodSpec) -> bool:
+        if spec.family != "hypernet" or spec.training is None:
+            return False
+        training = asdict(spec.training)
+        same_schedule = all(training[k] == v for k, v in schedule.items() if k not in sized)
+        return same_schedule and spec.settings()["editor"] == editor
+
+    matches = [name for name, spec in METHODS.items() if is_default(spec)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _parse_value(text: str) -> Any:

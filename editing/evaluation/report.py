@@ -4,7 +4,13 @@ The JSON holds the run's settings (`model`, `train_data`, `eval_data`, `batch_si
 commands that produced it, the unedited model's scores, and `rows` (one per method and training-set size:
 `method`, `efficacy`, `generalization`, `specificity`, `retention`, `average`, `train_seconds_per_fact`,
 `edit_seconds_per_fact`, and more), plus `sequences`: each row's metrics per edited batch on the final
-model and, when measured, the curve over the edit sequence. Metrics are percentages.
+model and, when measured, the curve over the edit sequence. Metrics are percentages, KL in nats.
+
+The locality measures (docs/locality.md) are top-level row fields too: `confident_retention`, `mean_kl`,
+`standing_kl`, `known_fact_retention`, `probe_flip_rate` (null when not measurable) and, on CounterFact,
+`neighbourhood_score`; `null_edit` holds the measures after the zero edit and after the method's self edit,
+`daemon_default` is true on the row of the daemon's default editor, and the report's `locality` section says
+what was measured. Reports written before these existed still render: a missing field is shown as "-".
 
 `merge` adds the rows of a new run to an existing report of the same evaluation (same model, facts, order,
 mode and batch shape), replacing rows of the same name, so that one table can be built from several runs.
@@ -24,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from editing.evaluation.harness import StreamResult
+from editing.evaluation.locality import LOCALITY_METRICS, NATS
+from editing.evaluation.locality_section import locality_lines
 from editing.evaluation.margins import margins
 from editing.evaluation.methods import PreparedMethod
 
@@ -42,21 +50,33 @@ _COLUMNS_CF = [
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (None if math.isnan(v) else round(v, 2)) for k, v in metrics.items()}
+    return {k: (None if math.isnan(v) else round(v, 5 if k in NATS else 2)) for k, v in metrics.items()}
 
 
 def make_row(
     label: str, method: PreparedMethod, result: StreamResult, *, train_data: str | None, train_limit: int | None,
-    load_average: tuple[float, float, float],
+    load_average: tuple[float, float, float], daemon_default: bool = False, zero_edit: dict[str, float] | None = None,
+    locality: bool = False,
 ) -> dict[str, Any]:
-    """One table row: the final metrics, the seconds per fact and how the method was prepared."""
+    """One table row: the final metrics, the seconds per fact and how the method was prepared.
+
+    With `locality` (the locality measures were taken) every locality field is present, null where it could
+    not be measured, with the null edits (`zero_edit`, the run's, and the row's self edit) under `null_edit`.
+    """
     train_per_fact = method.train_seconds / method.train_facts if method.train_facts else 0.0
     edit_per_fact = result.edit_seconds / result.edited_facts if result.edited_facts else math.nan
+    measured: dict[str, Any] = {}
+    if locality:
+        measured = {name: None for name in LOCALITY_METRICS if name not in result.final}
+        measured["null_edit"] = {"zero": _rounded(zero_edit or {}), "self": _rounded(result.null_edit)}
+        measured["locality_seconds"] = round(result.locality_seconds, 1)
     return {
         "method": label,
         "base_method": method.spec.name,
         "description": method.spec.description,
+        "daemon_default": daemon_default,
         **_rounded(result.final),
+        **measured,
         "train_seconds_per_fact": round(train_per_fact, 4),
         "edit_seconds_per_fact": round(edit_per_fact, 4),
         "train_facts": method.train_facts,
@@ -92,21 +112,28 @@ def check_comparable(first: dict[str, Any], other: dict[str, Any]) -> None:
     fingerprint. Reports written before editor 0.2 carry a fingerprint that also covered the model's
     configuration as the installed transformers serialised it, which changes between transformers releases
     for the same weights, and 0.2's weights-only fingerprint differs from both; a differing fingerprint is
-    therefore accepted when the unedited model scored exactly the same on every metric
-    of these facts (all scores are computed from the weights' outputs, so other weights would not agree to the
+    therefore accepted when the unedited model scored exactly the same on every metric both reports have
+    for these facts (all scores are computed from the weights' outputs, so other weights would not agree to the
     last digit on hundreds of prompts).
     """
     differing = [key for key in COMPARABLE if key != "model_fingerprint" and first.get(key) != other.get(key)]
     if differing:
         raise ValueError(f"the reports measured different evaluations: they differ in {', '.join(differing)}")
-    if first.get("model_fingerprint") != other.get("model_fingerprint") and (
-        not first.get("unedited") or first.get("unedited") != other.get("unedited")
+    if first.get("model_fingerprint") != other.get("model_fingerprint") and not _same_unedited(
+        first.get("unedited") or {}, other.get("unedited") or {}
     ):
         raise ValueError(
             "the reports were made on different models: other fingerprints "
             f"({str(first.get('model_fingerprint'))[:12]}, {str(other.get('model_fingerprint'))[:12]}) "
             "and other unedited scores"
         )
+
+
+def _same_unedited(first: dict[str, Any], other: dict[str, Any]) -> bool:
+    """The unedited model scored the same on every metric both reports have (a report written before the
+    locality measures lacks them)."""
+    shared = first.keys() & other.keys()
+    return bool(shared) and all(first[key] == other[key] for key in shared)
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +174,8 @@ def train_data_of(rows: list[dict[str, Any]]) -> str | list[str] | None:
     return specs[0] if len(specs) == 1 else (specs or None)
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A Markdown table cell: "-" for a missing value, one decimal, three significant digits below 1."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -159,10 +187,10 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], unedited:
     head = ["method", *[title for _, title in columns], "train s/fact", "edit s/fact", "train facts"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if unedited:
-        lines.append("| unedited model | " + " | ".join(_cell(unedited.get(key)) for key, _ in columns) + " | - | - | - |")
+        lines.append("| unedited model | " + " | ".join(cell(unedited.get(key)) for key, _ in columns) + " | - | - | - |")
     for row in rows:
-        cells = [row["method"], *[_cell(row.get(key)) for key, _ in columns]]
-        cells += [_cell(row["train_seconds_per_fact"]), _cell(row["edit_seconds_per_fact"]), str(row["train_facts"])]
+        cells = [row["method"], *[cell(row.get(key)) for key, _ in columns]]
+        cells += [cell(row["train_seconds_per_fact"]), cell(row["edit_seconds_per_fact"]), str(row["train_facts"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -209,6 +237,11 @@ def _margin_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
     return lines
 
 
+def _default_text(rows: list[dict[str, Any]]) -> str:
+    defaults = [row["method"] for row in rows if row.get("daemon_default")]
+    return f" `{defaults[0]}` is the daemon's default editor (`daemon_default` in the JSON)." if defaults else ""
+
+
 def _train_text(train_data: str | list[str] | None) -> str:
     if not train_data:
         return "none (training-free methods only)"
@@ -244,7 +277,8 @@ def markdown(report: dict[str, Any]) -> str:
         + f"(seed {report['seed']}), {report['mode']} editing; "
         + ("every metric is measured on the final model after all batches." if report["mode"] == "sequential"
            else "each batch is edited on the unedited model and measured alone."),
-        f"Training facts: {_train_text(report.get('train_data'))}; the number each method used is in the table.",
+        f"Training facts: {_train_text(report.get('train_data'))}; the number each method used is in the table."
+        + _default_text(report["rows"]),
         "Metrics ×100. ES/GS/LS are the paper's (spec §8); avg (paper) is their mean. Retention is the top-1 "
         "agreement with the unedited model on the locality prompts; avg (clean) is the mean of ES, GS and retention"
         + (" with the whole-answer (ROME-style, 'seq') ES and GS." if report["data_kind"] == "counterfact" else "."),
@@ -253,6 +287,7 @@ def markdown(report: dict[str, Any]) -> str:
         *_table(main, columns, report.get("unedited")),
     ]
     lines += _margin_lines(report, main)
+    lines += locality_lines(report, main)
     if limited:
         lines += ["", "## Data efficiency (training on the first K facts only)", "", *_table(limited, columns, None)]
     lines += ["", "## Commands", "", *[f"    {c}" for c in report.get("commands", [])]]
@@ -274,10 +309,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["efficacy", "generalization", "retention", "specificity"]
     labels = [r["method"] for r in report["rows"] if r.get("train_limit") is None]
     labels = labels or [r["method"] for r in report["rows"]]
     sequences = report.get("sequences", {})
+    metrics = ["efficacy", "generalization", "retention", "specificity"]
+    if any("mean_kl" in m for seq in sequences.values() for m in seq.get("per_batch", [])):
+        metrics.append("mean_kl")  # nats, not %: how far the final model moved on each batch's locality prompts
     with_curve = any(sequences.get(label, {}).get("curve") for label in labels)
     n_rows = 2 if with_curve else 1
     fig, axes = plt.subplots(n_rows, len(metrics), figsize=(4.2 * len(metrics) + 2.2, 3.6 * n_rows), squeeze=False)

@@ -58,7 +58,8 @@ class GateConfig(BaseModel):
         4,
         ge=1,
         le=4096,
-        description="Facts that failed efficacy are retried in batches of at most this many.",
+        description="Facts that missed min_efficacy are retried in batches of their own, of at most this many "
+        "(other facts go in batches of [editor] batch_size).",
     )
     min_batch_agreement: float = Field(
         0.6,

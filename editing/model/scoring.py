@@ -79,21 +79,22 @@ def tail_logits(model: nn.Module, batch: ScoringBatch, prefix: PrefixCache | Non
     """
     device = model_device(model)
     keep = int(batch.labels.shape[1])
-    attention_mask, position_ids, past = batch.attention_mask, batch.position_ids, None
+    attention_mask, position_ids, cache = batch.attention_mask, batch.position_ids, None
     if prefix is not None:
         rows = int(batch.input_ids.shape[0])
         attention_mask = torch.cat([torch.ones(rows, prefix.length, dtype=torch.long), attention_mask], dim=1)
         position_ids = position_ids + prefix.length
-        past = copy.deepcopy(prefix.cache)  # the forward pass appends to the cache it is given
-        past.batch_repeat_interleave(rows)
+        cache = copy.deepcopy(prefix.cache)  # the forward pass appends to the cache it is given
+        cache.batch_repeat_interleave(rows)
     with torch.no_grad():
+        # `cache`, not `past_key_values`: transformers renamed it in 5.24 and drops the old name in 5.40
         out = model(
             input_ids=batch.input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
-            past_key_values=past,
+            cache=cache,
             logits_to_keep=keep,
-            use_cache=past is not None,
+            use_cache=cache is not None,
         )
     logits: torch.Tensor = out.logits[:, -keep:].float()
     return logits
@@ -112,7 +113,7 @@ class PrefixCache:
         ids = _prompt_ids(tokenizer, prefix)
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=True)
-        return cls(len(ids), out.past_key_values)
+        return cls(len(ids), out.cache)
 
 
 def _chunks(order: list[int], size: int) -> list[list[int]]:

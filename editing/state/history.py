@@ -319,10 +319,8 @@ class ModelHistory:
         try:
             staged, editor_state, plan = self.stage_version(version, refs)
         except BeyondHorizon as exc:
-            raise BeyondHorizon(
-                f"cannot revert to version {version}: it is beyond the retention horizon; the oldest version that "
-                f"can be reverted to is {self.horizon(refs)} (store.retention_commits = {self.retention_commits}, "
-                f"store.snapshot_every = {self.snapshot_every}). Older artefacts were consolidated and removed. ({exc})"
+            raise beyond_horizon(
+                "revert to", version, self.horizon(refs), self.retention_commits, self.snapshot_every, exc
             ) from None
         record()
         self._publish(staged, editor_state or None)
@@ -370,5 +368,21 @@ class ModelHistory:
 
     def horizon(self, refs: Mapping[int, CommitRef]) -> int:
         """The oldest version of the active chain that a revert can still reach."""
-        chain = chain_to(self.state.version, {v: r.parent for v, r in refs.items()})
-        return horizon(chain, self.store.versions(SNAPSHOT), self.store.versions(COMMIT))
+        return reachable_horizon(self.store, refs, self.state.version)
+
+
+def reachable_horizon(store: ArtefactStore, refs: Mapping[int, CommitRef], version: int) -> int:
+    """The oldest version of the chain to `version` that the artefacts in `store` can still rebuild (no model needed)."""
+    chain = chain_to(version, {v: r.parent for v, r in refs.items()})
+    return horizon(chain, store.versions(SNAPSHOT), store.versions(COMMIT))
+
+
+def beyond_horizon(
+    action: str, version: int, oldest: int, retention_commits: int | None, snapshot_every: int, cause: Exception
+) -> BeyondHorizon:
+    """The refusal of `action` ("revert to", "export") on a version the retention policy consolidated away."""
+    return BeyondHorizon(
+        f"cannot {action} version {version}: it is beyond the retention horizon; the oldest version that can still "
+        f"be rebuilt is {oldest} (store.retention_commits = {retention_commits}, store.snapshot_every = "
+        f"{snapshot_every}). Older artefacts were consolidated and removed. Nothing was changed. ({cause})"
+    )

@@ -4,7 +4,8 @@
 - `make_ledger`: a factory of real SQLite ledgers (migrated to head) in a temporary folder.
 - `tiny_lm`: `(model, tokenizer)`: a tiny random Llama and a byte-level BPE tokenizer trained locally; no download.
 - `RealView`: a `ServiceView` over real parts: `LedgerView` on a real ledger, `answer_query` on a real
-  (tiny) model under a lock, reverts through `store.ledger`. Readiness and pause are switches.
+  (tiny) model under a lock, reverts through `store.commits`, a real `ServiceState` that the metrics
+  watch (as the service wires them). Readiness is a switch; pause it through `view.state`.
 - `serve_api`: start `create_app(...)` on a real loopback port; every server is stopped at teardown.
 """
 
@@ -27,6 +28,7 @@ from daemon.http_server import HttpServer
 from daemon.ledger_view import LedgerView
 from daemon.metrics import Metrics
 from daemon.querying import answer_query
+from daemon.service_state import ServiceState
 from daemon.service_view import Conflict, Unavailable
 from ingest.config import IngestConfig
 from store import commits, work
@@ -96,24 +98,26 @@ class RealView:
         self.model, self.tokenizer = lm
         self.model_lock = threading.Lock()  # stands in for the service's read/write lock on the weights
         self.not_ready: list[str] = []
-        self.paused = False
+        self.state = ServiceState()
         self.started_at = datetime.now(UTC)
+        metrics.watch(self.state, self.readiness)
 
     def readiness(self) -> list[str]:
         reasons = list(self.not_ready)
         problem = self.ledger.reachable()
         if problem:
             reasons.append(problem)
-        if self.paused:
-            reasons.append("paused")
         return reasons
+
+    def pause_reason(self) -> str | None:
+        return self.state.now().pause_reason
 
     def status(self) -> ServiceStatus:
         reasons = self.readiness()
         return ServiceStatus(
             ready=not reasons,
             reasons=reasons,
-            paused=self.paused,
+            paused=self.state.now().paused,
             started_at=self.started_at,
             model=ModelStatus(source="tiny", model_type="llama", fingerprint="0" * 64, device="cpu"),
             editor=EditorStatus(state="ready"),

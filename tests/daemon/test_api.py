@@ -16,6 +16,8 @@ from daemon.api_guards import TokenBuckets, UnsafeExposure, check_exposure, is_l
 from daemon.config import ApiConfig
 from daemon.http_server import HttpServer
 from daemon.metrics import Metrics
+from store import states
+from store.models import FactStatus, FailureCause
 from tests.daemon.conftest import RealView
 
 FACT = {"prompt": "The capital of France is", "target_new": "Rome", "ground_truth": "Paris"}
@@ -41,14 +43,37 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
 def test_health_and_readiness_follow_the_service(client: httpx.Client, view: RealView, fresh_metrics: Metrics) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert (ready.status_code, ready.json()) == (200, {"ready": True, "reasons": []})
+    running = {"ready": True, "reasons": [], "editing_paused": False, "pause_reason": None}
+    assert (ready.status_code, ready.json()) == (200, running)
     assert sample(fresh_metrics, "ked_ready") == 1
     view.not_ready = ["editor: training (42%)"]
-    view.paused = True
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
-    assert not_ready.json() == {"ready": False, "reasons": ["editor: training (42%)", "paused"]}
-    assert sample(fresh_metrics, "ked_ready") == 0
+    assert not_ready.json() == running | {"ready": False, "reasons": ["editor: training (42%)"]}
+    assert sample(fresh_metrics, "ked_ready") == 0  # read at scrape time, not set by /readyz
+
+
+def test_a_paused_daemon_stays_ready_and_says_editing_is_paused(
+    client: httpx.Client, view: RealView, fresh_metrics: Metrics
+) -> None:
+    # Deliberate change (issue 23, item 6): a pause used to make /readyz answer 503, so a readiness probe
+    # took a daemon that still answers queries out of service. It is reported, not a reason.
+    view.state.pause("gate: the model before this batch already fails specificity")
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "ready": True,
+        "reasons": [],
+        "editing_paused": True,
+        "pause_reason": "gate: the model before this batch already fails specificity",
+    }
+    assert client.get("/v1/status").json()["paused"] is True
+    assert client.post("/v1/query", json={"prompt": "The capital of France is"}).status_code == 200
+    assert sample(fresh_metrics, "ked_ready") == 1
+    assert sample(fresh_metrics, "ked_editing_paused") == 1
+    view.state.resume()
+    assert client.get("/readyz").json()["editing_paused"] is False
+    assert sample(fresh_metrics, "ked_editing_paused") == 0
 
 
 def test_an_unusable_ledger_makes_the_service_unready(
@@ -89,13 +114,32 @@ def test_submitted_facts_are_validated_stored_and_listed(client: httpx.Client, f
     assert sample(fresh_metrics, "ked_facts_rejected_total", source="api", reason="empty_text") == 1
 
 
+def test_facts_carry_the_cause_of_their_last_failure(client: httpx.Client, view: RealView) -> None:
+    records = [FACT, {"prompt": "The CEO of Acme is", "target_new": "Jane Roe"}]
+    first, second = client.post("/v1/facts", json={"facts": records}).json()["fact_ids"]
+    with view.sessions.begin() as session:
+        states.transition(session=session, fact_ids=[first, second], to=FactStatus.EDITING)
+        states.transition(
+            session=session, fact_ids=[first], to=FactStatus.FAILED, error="efficacy 0.12 < min_efficacy 0.9",
+            failure_cause=FailureCause.EFFICACY,
+        )
+    listing = client.get("/v1/facts").json()["facts"]
+    assert [(f["id"], f["status"], f["failure_cause"]) for f in listing] == [
+        (first, "failed", "efficacy"), (second, "editing", None),
+    ]
+    detail = client.get(f"/v1/facts/{first}").json()
+    assert (detail["last_error"], detail["failure_cause"]) == ("efficacy 0.12 < min_efficacy 0.9", "efficacy")
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "status"),
     [
         (b'{"facts": []}', "application/json", 422),
         (b'{"facts": [1, 2]}', "application/json", 422),
-        (b'{"facts": [{"prompt": "a", "target_new": NaN}]}', "application/json", 422),
-        (b'{"facts": [{"prompt": "a", "prompt": "b", "target_new": "c"}]}', "application/json", 422),
+        # NaN and a key given twice are not valid JSON: 400 since issue 23 (item 6), as docs/api.md promised
+        # for invalid JSON; they used to get 422.
+        (b'{"facts": [{"prompt": "a", "target_new": NaN}]}', "application/json", 400),
+        (b'{"facts": [{"prompt": "a", "prompt": "b", "target_new": "c"}]}', "application/json", 400),
         (b"[" + json.dumps(FACT).encode() + b"]", "application/json", 422),
         (json.dumps({"facts": [FACT]}).encode(), "text/plain", 415),
     ],

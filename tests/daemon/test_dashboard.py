@@ -25,6 +25,7 @@ import yaml
 
 from daemon.http_server import HttpServer
 from daemon.metrics import Metrics
+from daemon.service_state import EditorState, GateDrift, ServiceState
 from tests.daemon.conftest import RealView
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -44,6 +45,9 @@ NOT_PLOTTED = {
     "ked_probe_duration_seconds",
     "ked_query_generated_tokens_total",
     "ked_accelerator_memory_reserved_bytes",
+    # The gate's drift of the live version from the base model (issue 23): not on the dashboard yet.
+    "ked_gate_base_agreement_ratio",
+    "ked_gate_base_mean_kl_nats",
 }
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 
@@ -70,8 +74,11 @@ def family(name: str) -> str:
     return re.sub(r"_(bucket|sum|count|created)$", "", name)
 
 
-def populate(metrics: Metrics, round_no: int) -> None:
-    """Set every metric the service sets, as a few edits would; call twice so counters and histograms move."""
+def populate(metrics: Metrics, round_no: int, state: ServiceState) -> None:
+    """Set every metric the service sets, as a few edits would; call twice so counters and histograms move.
+
+    `state` is the service state the metrics watch: its gauges are read from it at scrape time.
+    """
     now = datetime.now(UTC)
     metrics.observe_ingest("inbox", accepted=10 * round_no, duplicates=round_no, rejection_reasons=["prompt: required"])
     metrics.set_fact_counts({"pending": 5, "editing": 0, "committed": 8 * round_no, "rejected": 1})
@@ -84,8 +91,9 @@ def populate(metrics: Metrics, round_no: int) -> None:
     metrics.observe_revert("done", 2.0)
     for source, ok in (("inbox", True), ("feed", False)):
         metrics.observe_source_poll(source, ok=ok, seconds=0.3 * round_no, consecutive_failures=round_no)
-    metrics.set_editor_state("ready")
-    metrics.observe_training(step=100, total_steps=100, loss=0.2)
+    state.observe_training(step=100, total=100, loss=0.2)
+    state.set_editor(EditorState.READY)
+    state.set_drift(GateDrift(version=round_no, agreement=0.9, mean_kl=0.4 * round_no))
     metrics.set_model_info(model_type="llama", fingerprint="ab" * 32)
 
 
@@ -183,13 +191,14 @@ def test_every_panel_query_is_valid_and_returns_data(
     tiny_lm: tuple[Any, Any],
     fresh_metrics: Metrics,
 ) -> None:
-    server = serve_api(RealView(make_ledger(), tiny_lm, fresh_metrics), fresh_metrics)
-    populate(fresh_metrics, 1)
+    view = RealView(make_ledger(), tiny_lm, fresh_metrics)
+    server = serve_api(view, fresh_metrics)
+    populate(fresh_metrics, 1, view.state)
     traffic(server.url)
     url = prometheus(f"127.0.0.1:{server.port}")
     wait_for(lambda: has_data(url, 'up{job="ked"} == 1'), 30, "Prometheus never scraped the daemon's /metrics")
     time.sleep(1.5)  # at least one scrape with the first values
-    populate(fresh_metrics, 2)
+    populate(fresh_metrics, 2, view.state)
     traffic(server.url)
     wait_for(lambda: has_data(url, "rate(ked_http_requests_total{route=\"/v1/query\"}[1m]) > 0"), 30,
              "the second round of values never reached Prometheus")
@@ -231,7 +240,9 @@ def test_the_dashboard_is_provisionable() -> None:
 
 
 def test_the_dashboard_plots_every_metric_and_only_real_ones(fresh_metrics: Metrics) -> None:
-    populate(fresh_metrics, 1)
+    state = ServiceState()
+    fresh_metrics.watch(state, list)
+    populate(fresh_metrics, 1, state)
     exposed = {family(line.split("{")[0].split(" ")[0]) for line in fresh_metrics.exposition()[0].decode().splitlines()
                if line.startswith("ked_")}
     exposed |= {"ked_accelerator_memory_allocated_bytes", "ked_accelerator_memory_reserved_bytes"}  # CUDA only

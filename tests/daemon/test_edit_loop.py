@@ -2,8 +2,9 @@
 
 Real parts throughout: a SQLite ledger and artefact store in a temporary state directory, a tiny Llama
 loaded from a local Hugging Face directory (as the daemon loads `[model] source`), an untrained EMSEdit
-editor, the real gate and checker. Gate thresholds are set per test to make the verdict certain on a
-random tiny model (everything passes, or nothing does).
+editor, the real gate and checker, the service's `ServiceState` watched by the metrics. Gate thresholds
+are set per test to make the verdict certain on a random tiny model (everything passes, or nothing does).
+A second `make_rig` on the same world is a restart of the daemon.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from daemon.edit_loop import EditLoop
 from daemon.ledger_view import LedgerView
 from daemon.metrics import Metrics
 from daemon.model_state import open_history
+from daemon.service_state import EditorState, ServiceState
 from daemon.view import DaemonView
 from editing.config import EditorConfig
 from editing.engine.emsedit import EMSEditor
@@ -29,8 +31,9 @@ from editing.gate.checks import BatchMeasurement, GateFact
 from editing.gate.config import GateConfig
 from editing.gate.probes import DriftDecision
 from editing.gate.specificity import FrozenBase, ReferenceStore
-from store import commits, intake
-from store.models import Commit, Fact, ProbeRun, Revert
+from store import commits, intake, queries
+from store import pauses as ledger_pauses
+from store.models import Commit, Fact, Pause, ProbeRun, Revert
 from store.records import FactIn, Locality, Origin
 from tests.daemon.test_model_state import World, tiny_model_dir_fixture, world_fixture, worlds_fixture
 
@@ -52,6 +55,10 @@ class Rig:
     view: DaemonView
     metrics: Metrics
     registry: CollectorRegistry
+
+    @property
+    def state(self) -> ServiceState:
+        return self.view.state
 
     def add(self, count: int, start: int = 0) -> list[int]:
         with self.world.sessions.begin() as session:
@@ -99,12 +106,15 @@ def make_rig(
     history, _ = open_history(settings, loaded, world.sessions)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    view = DaemonView(ledger=LedgerView(world.sessions, settings.ingest, metrics), sessions=world.sessions)
+    state = ServiceState()
+    view = DaemonView(ledger=LedgerView(world.sessions, settings.ingest, metrics), sessions=world.sessions, state=state)
+    metrics.watch(state, view.readiness)
     view.model, view.weights = loaded, history.state
-    loop = EditLoop(settings, world.sessions, history, loaded, references, metrics, view, stop or threading.Event())
+    loop = EditLoop(settings, world.sessions, history, loaded, references, metrics, state, stop or threading.Event())
     view.reverter = loop.revert
     editor = EMSEditor(loaded.model, loaded.tokenizer, names, settings.editor)
     loop.attach_editor(editor, "test-editor")
+    state.set_editor(EditorState.READY)  # as the service does once the editor is attached
     return Rig(world, loop, view, metrics, registry)
 
 
@@ -177,7 +187,7 @@ def test_a_model_that_already_fails_the_gate_pauses_editing(world: World) -> Non
     rig.loop.tick()
     statuses = rig.statuses()
     assert {statuses[i] for i in new} == {"pending"}  # deferred, not rejected: the batch is not to blame
-    assert rig.view.paused and "already fails specificity" in (rig.view.pause_reason or "")
+    assert "already fails specificity" in (rig.view.pause_reason() or "")
 
 
 def test_the_loop_waits_for_min_batch_or_the_oldest_facts_age(world: World) -> None:
@@ -292,19 +302,24 @@ def test_drift_pauses_editing_across_a_restart_until_a_revert(world: World, monk
     monkeypatch.setattr(rig.loop.drift, "decide", lambda report: DriftDecision("pause", ("flip rate too high",)))
     rig.add(1)
     rig.loop.tick()
-    assert rig.view.paused and "flip rate too high" in (rig.view.pause_reason or "")
-    assert any("editing paused" in r for r in rig.view.readiness())
+    assert "flip rate too high" in (rig.view.pause_reason() or "")
+    # Deliberate change (issue 23, item 6): a pause is no readiness reason any more (it made /readyz answer 503
+    # although queries were still answered); the pause shows in the metrics and the status instead.
+    assert not any("paused" in r for r in rig.view.readiness())
+    assert rig.view.status().paused
     assert rig.metric("ked_editing_paused") == 1
     rig.add(1, start=40)
     rig.loop.tick()
     assert sorted(rig.statuses().values()) == ["committed", "pending"]
 
     again = make_rig(world, gate=gate)
-    assert again.view.paused  # the failed probe run on the live version survives the restart
+    assert again.state.now().paused  # the pause recorded in the ledger survives the restart
+    assert again.metric("ked_editing_paused") == 1
 
     again.view.request_revert(to_version=0, last=None, reason="drift", requested_by="api:test")
-    assert not again.view.paused
+    assert not again.state.now().paused
     assert again.metric("ked_editing_paused") == 0
+    assert not make_rig(world, gate=gate).state.now().paused  # and the revert ended it for good
 
 
 def test_drift_with_the_revert_policy_goes_back_to_the_last_passing_version(
@@ -320,7 +335,7 @@ def test_drift_with_the_revert_policy_goes_back_to_the_last_passing_version(
     with world.sessions() as session:
         audit = session.scalars(select(Revert)).one()
     assert audit.requested_by == "daemon:drift" and "accuracy dropped" in (audit.reason or "")
-    assert not rig.view.paused
+    assert not rig.state.now().paused
 
 
 def test_a_fact_retried_after_failing_efficacy_gets_a_stronger_edit_signal(world: World) -> None:
@@ -341,3 +356,156 @@ def test_a_fact_retried_after_failing_efficacy_gets_a_stronger_edit_signal(world
         rig.loop.tick()
     assert seen == [None, [2.0], [4.0]]  # retry_strength 2, once per failed try
     assert rig.statuses()[fact] == "failed"
+
+
+BLOCKING = GateConfig(min_efficacy=0.0, min_agreement=0.0, max_kl=0.0, specificity_prompts=4)
+#: A restart whose edit loop does not edit (reverts only), so that a test sees the state it starts in.
+IDLE = EditLoopConfig(enabled=False)
+
+
+def paused_by_the_gate(world: World) -> Rig:
+    """v1 committed, then a gate that finds the live model beyond its budget: editing paused."""
+    first = make_rig(world)
+    first.add(2)
+    first.loop.tick()
+    rig = make_rig(world, gate=BLOCKING)
+    rig.add(2, start=60)
+    rig.loop.tick()
+    assert "already fails specificity" in (rig.view.pause_reason() or "")
+    return rig
+
+
+def pauses(world: World) -> list[tuple[str, str | None]]:
+    with world.sessions() as session:
+        return [(p.reason, p.resumed_by) for p in session.scalars(select(Pause).order_by(Pause.id))]
+
+
+def test_a_pause_survives_a_restart_until_a_revert_filed_with_the_cli(world: World) -> None:
+    paused_by_the_gate(world)
+    # A restart used to lift the pause silently, until the next batch blocked again.
+    again = make_rig(world, gate=BLOCKING, edit_loop=IDLE)
+    assert "already fails specificity" in (again.view.pause_reason() or "")
+    assert again.metric("ked_editing_paused") == 1
+    assert again.view.readiness() == []  # paused, but ready: queries are answered
+
+    with world.sessions.begin() as session:
+        revert = commits.revert_to(session=session, to_version=0, reason="cli", requested_by="cli:test")
+    again.loop.tick()  # applies the revert: the operator's answer
+    assert not again.state.now().paused
+    assert [by for _, by in pauses(world)] == [f"revert {revert.id}"]
+    assert not make_rig(world, gate=BLOCKING, edit_loop=IDLE).state.now().paused
+
+
+def test_a_pause_ended_in_the_ledger_ends_at_the_next_pass(world: World) -> None:
+    paused_by_the_gate(world)
+    rig = make_rig(world, gate=BLOCKING, edit_loop=IDLE)
+    with world.sessions.begin() as session:  # as an operator's resume command would
+        ledger_pauses.record_resume(session=session, resumed_by="cli:operator")
+    assert rig.state.now().paused
+    rig.loop.tick()
+    assert not rig.state.now().paused
+    assert rig.metric("ked_editing_paused") == 0
+    assert [by for _, by in pauses(world)] == ["cli:operator"]
+
+
+def test_a_revert_filed_while_the_daemon_was_stopped_ends_the_pause_at_the_next_start(world: World) -> None:
+    paused_by_the_gate(world)
+    with world.sessions.begin() as session:
+        revert = commits.revert_to(session=session, to_version=0, reason="cli", requested_by="cli:test")
+    again = make_rig(world, gate=BLOCKING, edit_loop=IDLE)
+    assert not again.state.now().paused
+    assert [by for _, by in pauses(world)] == [f"revert {revert.id}"]
+
+
+def test_a_start_with_other_gate_settings_ends_the_pause(world: World) -> None:
+    paused_by_the_gate(world)
+    loosened = make_rig(world, gate=BLOCKING.model_copy(update={"max_kl": 1e9}), edit_loop=IDLE)
+    assert not loosened.state.now().paused
+    assert loosened.metric("ked_editing_paused") == 0
+    assert [by for _, by in pauses(world)] == ["a start with other model, editor or gate settings"]
+
+
+def _fact(world: World, fact_id: int) -> tuple[str | None, str | None]:
+    with world.sessions() as session:
+        detail = queries.fact_detail(session, fact_id)
+        (row,) = [r for r in queries.find_facts(session) if r.id == fact_id]
+    assert (row.failure_cause, row.last_error) == (detail.failure_cause, detail.last_error)
+    return detail.failure_cause, detail.last_error
+
+
+@pytest.mark.parametrize(
+    ("gate", "cause", "error"),
+    [
+        (PASS_ALL.model_copy(update={"min_efficacy": 1.01, "efficacy_retries": 0}), "efficacy", "< min_efficacy"),
+        (FAIL_SPECIFICITY.model_copy(update={"isolate_harmful": False, "efficacy_retries": 0}), "specificity", "batch fails"),
+        (PASS_ALL, "error", "the edit raised RuntimeError: out of memory"),
+    ],
+    ids=["missed-efficacy", "no-room-for-specificity", "the-edit-raised"],
+)
+def test_a_failed_fact_records_which_check_failed_it(world: World, gate: GateConfig, cause: str, error: str) -> None:
+    rig = make_rig(world, gate=gate)
+    if cause == "error":
+        assert rig.loop.gated is not None
+
+        def explode(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("out of memory")
+
+        rig.loop.gated.edit = explode  # type: ignore[method-assign]
+    (fact,) = rig.add(1)
+    rig.loop.tick()
+    assert rig.statuses()[fact] == "failed"
+    found_cause, found_error = _fact(world, fact)
+    assert found_cause == cause and error in (found_error or "")
+
+
+def test_a_fact_the_gate_rejects_records_specificity(world: World) -> None:
+    rig = make_rig(world, gate=FAIL_SPECIFICITY)
+    (fact,) = rig.add(1)
+    rig.loop.tick()
+    assert rig.statuses()[fact] == "rejected"
+    assert _fact(world, fact)[0] == "specificity"
+
+
+def test_facts_that_missed_efficacy_are_retried_in_small_batches_of_their_own(world: World) -> None:
+    gate = PASS_ALL.model_copy(update={"min_efficacy": 1.01, "efficacy_retries": 1, "retry_batch_size": 2})
+    rig = make_rig(world, gate=gate)  # [editor] batch_size 4
+    assert rig.loop.gated is not None
+    editor = rig.loop.gated.editor
+    batches: list[list[str]] = []
+    original = editor.propose
+
+    def recording(examples: Any, masters: Any = None, *, strengths: Any = None) -> Any:
+        batches.append([e.prompt.split()[-2] for e in examples])  # the fact's number
+        return original(examples, masters, strengths=strengths)
+
+    editor.propose = recording  # type: ignore[method-assign]
+    rig.add(4)
+    rig.loop.tick()  # every fact misses efficacy: back to pending for one more try
+    rig.add(4, start=10)
+    for _ in range(3):
+        rig.loop.tick()
+    assert batches == [["0", "1", "2", "3"], ["0", "1"], ["2", "3"], ["10", "11", "12", "13"]]
+
+
+def test_the_gate_drift_of_the_live_version_is_exported_between_probe_runs(world: World) -> None:
+    rig = make_rig(world)
+    assert rig.metric("ked_gate_base_agreement_ratio") == 1.0  # version 0 is the base model
+    rig.add(2)
+    rig.loop.tick()
+    with world.sessions() as session:
+        run = session.scalars(select(ProbeRun).where(ProbeRun.kind == "gate", ProbeRun.commit_version == 1)).one()
+        row = session.get(Commit, 1)
+        assert row is not None
+    # One summary of the gate's final try, recorded with the gate run and the commit alike.
+    assert row.edit_metrics["specificity_agreement"] == run.scores["agreement"]
+    assert row.edit_metrics["specificity_mean_kl"] == run.scores["mean_kl"]
+    assert row.edit_metrics["efficacy"] == run.scores["efficacy"]
+    drift = rig.state.now().drift
+    assert drift is not None and (drift.version, drift.agreement, drift.mean_kl) == (1, run.scores["agreement"], run.scores["mean_kl"])
+    assert rig.metric("ked_gate_base_agreement_ratio") == run.scores["agreement"]
+    assert rig.metric("ked_gate_base_mean_kl_nats") == run.scores["mean_kl"]
+    assert rig.metric("ked_probe_drift_ratio", {"probe": "standing"}) == 0.0  # the periodic probes did not run
+
+    assert make_rig(world).metric("ked_gate_base_mean_kl_nats") == run.scores["mean_kl"]  # read back at a restart
+    rig.view.request_revert(to_version=0, last=None, reason="test", requested_by="api:test")
+    assert (rig.metric("ked_gate_base_agreement_ratio"), rig.metric("ked_gate_base_mean_kl_nats")) == (1.0, 0.0)

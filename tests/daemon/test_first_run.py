@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.first_run import TrainingStopped, checkpoint_exists, load_editor, train_editor
+from daemon.bootstrap import load_editor
+from daemon.first_run import TrainingStopped, checkpoint_exists, train_editor
 from editing.engine.checkpoint import load_checkpoint
 from tests.daemon.test_model_state import EDIT_MODULES, World, tiny_model_dir_fixture, world_fixture, worlds_fixture
 

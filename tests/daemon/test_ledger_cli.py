@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 import structlog
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from daemon import bootstrap
 from daemon.ledger import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, main
-from store import commits, intake, states, work
-from store.db import make_engine, make_session_factory
+from store import commits, intake, pauses, states, work
+from store.db import current_revision, make_engine, make_session_factory, upgrade_to_head
 from store.lock import ModelLock
-from store.models import Fact, FactStatus, Revert
+from store.models import Fact, FactStatus, Pause, Revert
 from store.records import CommitIn, FactIn, Locality, Origin, RejectionIn
 from tests.store.fixtures import backend, db_url, pg_ledger_url, pg_schemas, sqlite_template  # noqa: F401
 
@@ -152,6 +153,7 @@ def test_show_fact_and_commit(cli: Run, seeded: Any) -> None:
         (("revert", "--to", "2"), EXIT_REFUSED, "already at version 2"),
         (("revert", "--to", "v7"), EXIT_REFUSED, "choose one from 0 to 1"),
         (("revert", "--last", "3"), EXIT_REFUSED, "only 2 are active"),
+        (("resume", "--reason", "checked"), EXIT_REFUSED, "editing is not paused (no pause in force in the ledger)"),
     ],
 )
 def test_refusals(cli: Run, seeded: Any, argv: tuple[str, ...], code: int, message: str) -> None:
@@ -172,6 +174,8 @@ def test_refusals(cli: Run, seeded: Any, argv: tuple[str, ...], code: int, messa
         ("export-model",),
         ("export-model", "--version", "x", "out"),
         ("facts", "--status", "bogus"),
+        ("resume",),
+        ("resume", "--reason", "  "),
     ],
 )
 def test_bad_arguments_exit_2(cli: Run, argv: tuple[str, ...]) -> None:
@@ -189,12 +193,76 @@ def test_facts_filters(cli: Run, seeded: Any) -> None:
     assert [row["id"] for row in json.loads(out)] == [1, 2]
 
 
+def test_facts_json_carries_each_facts_last_error(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("facts", "--json")
+    assert code == EXIT_OK
+    assert {row["id"]: row["last_error"] for row in json.loads(out)} == {1: None, 2: None, 3: None, 4: None, 5: "boom"}
+    code, out, _ = cli("facts", "--status", "failed", "--json")
+    assert json.loads(out) == [json.loads(cli("facts", "--json")[1])[4]]
+
+
 def test_requeue(cli: Run, seeded: Any) -> None:
     code, out, _ = cli("requeue", "--status", "failed")
     assert (code, out) == (EXIT_OK, "requeued 1 fact(s): 5\n")
     assert _statuses(seeded)[5] == "pending"
     code, out, _ = cli("requeue", "--status", "failed", "--json")
     assert json.loads(out) == {"requeued": []}
+
+
+def test_a_requeued_fact_gets_a_fresh_retry_budget(cli: Run, seeded: Any) -> None:
+    with seeded() as session, session.begin():  # fact 5 failed after its tries ran out
+        session.execute(update(Fact).where(Fact.id == 5).values(attempts=3))
+    assert cli("requeue", "5")[0] == EXIT_OK
+    code, out, _ = cli("show", "5", "--json")
+    assert code == EXIT_OK and (json.loads(out)["status"], json.loads(out)["attempts"]) == ("pending", 0)
+
+
+DRIFT = "drift: flip rate 0.31 > max_flip_rate 0.2"
+
+
+def _pause(factory: Callable[[], Session], reason: str = DRIFT) -> None:
+    """Pause editing at v2 as the daemon does (store.pauses)."""
+    with factory() as session, session.begin():
+        pauses.record_pause(session=session, reason=reason, version=2, config_hash=None)
+
+
+def test_status_shows_the_pause_in_force(cli: Run, seeded: Any) -> None:
+    code, out, _ = cli("status")
+    assert code == EXIT_OK and "paused" not in out
+    assert json.loads(cli("status", "--json")[1])["pause"] is None
+    _pause(seeded)
+    code, out, _ = cli("status")
+    lines = out.splitlines()
+    assert code == EXIT_OK and lines[0] == "version     v2"
+    assert lines[1].startswith("paused      since 20") and lines[1].endswith(f"Z at v2: {DRIFT}")
+    assert lines[2] == "            a revert or `python -m daemon.ledger resume --reason TEXT` ends it"
+    pause = json.loads(cli("status", "--json")[1])["pause"]
+    assert (pause["id"], pause["reason"], pause["version"]) == (1, DRIFT, 2)
+    assert pause["paused_at"].endswith("Z")
+
+
+def test_resume_ends_the_pause_in_the_ledger(cli: Run, seeded: Any) -> None:
+    _pause(seeded)
+    code, out, err = cli("resume", "--reason", "flip rate checked by hand")
+    assert code == EXIT_OK, err
+    assert out.startswith("resumed: ended the pause since 20") and f"Z at v2: {DRIFT}; a running daemon" in out
+    with seeded() as session:
+        (row,) = session.scalars(select(Pause)).all()
+    assert row.resumed_at is not None
+    assert row.resumed_by is not None and row.resumed_by.startswith("cli:")
+    assert row.resumed_by.endswith(": flip rate checked by hand")
+    assert "paused" not in cli("status")[1]
+    assert cli("resume", "--reason", "again")[0] == EXIT_REFUSED  # nothing left to resume
+
+
+def test_resume_json(cli: Run, seeded: Any) -> None:
+    _pause(seeded, "gate: the model before this batch already fails specificity")
+    code, out, _ = cli("resume", "--reason", "thresholds loosened", "--json")
+    resumed = json.loads(out)
+    assert code == EXIT_OK
+    assert set(resumed) == {"id", "paused_at", "reason", "version", "resumed_at", "resumed_by"}
+    assert resumed["reason"] == "gate: the model before this batch already fails specificity"
+    assert resumed["resumed_at"].endswith("Z") and resumed["resumed_by"].endswith(": thresholds loosened")
 
 
 def test_export_round_trips_through_add_facts(cli: Run, seeded: Any, tmp_path: Path) -> None:
@@ -297,6 +365,9 @@ def test_module_entry_point_uses_sqlite_in_the_state_dir(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("KED_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     state = tmp_path / "state"
+    engine = make_engine(f"sqlite:///{state / 'ledger.sqlite3'}")  # the ledger the daemon made there
+    upgrade_to_head(engine)
+    engine.dispose()
     command = [sys.executable, "-m", "daemon.ledger", "--state-dir", str(state), "status", "--json"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -307,6 +378,56 @@ def test_module_entry_point_uses_sqlite_in_the_state_dir(tmp_path: Path) -> None
     command = [sys.executable, "-m", "daemon.ledger", "--config", str(bad), "status"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "store.sqlite_busy_timeout_ms" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("status",),
+        ("log",),
+        ("show", "1"),
+        ("facts", "--json"),
+        ("export",),
+        ("requeue", "--status", "failed"),
+        ("resume", "--reason", "checked"),
+        ("revert", "--last", "1"),
+        ("export-model", "out"),
+    ],
+)
+def test_no_command_creates_a_ledger_where_there_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    """Run outside the service's directory without --state-dir, a command says where it looked, and makes nothing."""
+    for name in [k for k in os.environ if k.startswith("KED_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bootstrap, "start_logging", lambda *args, **kwargs: None)  # the test runner's stays
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (EXIT_USAGE, "")
+    assert f"no ledger at {tmp_path / 'state' / 'ledger.sqlite3'}" in captured.err and "--state-dir" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_database_without_the_ledger_schema_is_not_made_one(
+    cli: Run,
+    backend: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    if backend == "sqlite":
+        empty = tmp_path / "empty.sqlite3"
+        empty.touch()  # e.g. left behind by an earlier tool
+        url = f"sqlite:///{empty}"
+    else:
+        url = request.getfixturevalue("pg_schemas").new()
+    monkeypatch.setenv("KED_STORE__URL", url)
+    code, out, err = cli("requeue", "--status", "failed")
+    assert (code, out) == (EXIT_USAGE, "") and "holds no ledger (no schema)" in err
+    engine = make_engine(url)
+    assert current_revision(engine) is None
+    engine.dispose()
 
 
 def test_read_commands_do_not_wait_for_a_writer(cli: Run, seeded: Any, monkeypatch: pytest.MonkeyPatch) -> None:

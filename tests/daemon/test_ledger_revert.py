@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -319,6 +321,23 @@ def test_export_model_loads_in_plain_transformers_with_the_logits_of_its_version
     assert exported_tokenizer("Paris")["input_ids"] == tokenizer("Paris")["input_ids"]
     assert world.current_version() == 2 and world.reverts() == []  # exporting changes nothing
     assert_lock_free(world)
+
+
+def test_export_model_is_readable_by_other_users_like_any_file_written_under_the_umask(
+    world: World, cli: Run, tmp_path: Path
+) -> None:
+    """A model server running as another user can read the export: 0755 / 0644 under umask 022, not 0700 / 0600."""
+    committed(world, 1)
+    previous = os.umask(0o022)
+    try:
+        code, _, err = cli("export-model", str(tmp_path / "out"))
+    finally:
+        os.umask(previous)
+    assert code == EXIT_OK, err
+    out = tmp_path / "out"
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_export_model_of_a_reverted_version_rebuilds_it_from_its_artefacts(

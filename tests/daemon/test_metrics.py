@@ -14,6 +14,7 @@ from daemon.config import MetricsConfig
 from daemon.metrics import WORK_BUCKETS, Metrics
 from daemon.process_memory import resident_bytes
 from daemon.rejection_codes import REASON_CODES, reason_code
+from daemon.service_state import EditorState, GateDrift, ServiceState
 from ingest.config import IngestConfig
 from ingest.documents import read_document
 from ingest.facts import to_outcomes
@@ -169,12 +170,14 @@ def test_sources_probes_editor_and_reverts(fresh_metrics: Metrics) -> None:
     assert value(fresh_metrics, "ked_probe_drift_ratio", probe="sst2") == -0.12
     assert value(fresh_metrics, "ked_probe_runs_total", kind="periodic", outcome="failed") == 1
 
-    fresh_metrics.set_editor_state("training")
-    fresh_metrics.observe_training(step=250, total_steps=1000, loss=1.5)
+    state = ServiceState()
+    fresh_metrics.watch(state, list)
+    state.set_editor(EditorState.TRAINING)
+    state.observe_training(step=250, total=1000, loss=1.5)
     states = {s: value(fresh_metrics, "ked_editor_state", state=s) for s in ("missing", "training", "ready", "failed")}
     assert states == {"missing": 0, "training": 1, "ready": 0, "failed": 0}
     assert value(fresh_metrics, "ked_editor_training_progress_ratio") == 0.25
-    fresh_metrics.set_editor_state("ready")
+    state.set_editor(EditorState.READY)
     assert value(fresh_metrics, "ked_editor_state", state="training") == 0
     assert value(fresh_metrics, "ked_editor_training_progress_ratio") == 1
 
@@ -182,6 +185,32 @@ def test_sources_probes_editor_and_reverts(fresh_metrics: Metrics) -> None:
     fresh_metrics.observe_revert("done", 3.0)
     assert value(fresh_metrics, "ked_reverts_total", outcome="refused") == 1
     assert value(fresh_metrics, "ked_revert_duration_seconds_count") == 1
+
+
+def test_the_service_state_is_read_at_scrape_time(fresh_metrics: Metrics) -> None:
+    assert value(fresh_metrics, "ked_ready") == 0  # nothing watched yet: not ready
+    assert value(fresh_metrics, "ked_editor_state", state="missing") == 1
+    state, reasons = ServiceState(), ["model: loading"]
+    fresh_metrics.watch(state, lambda: reasons)
+    assert value(fresh_metrics, "ked_ready") == 0
+    reasons.clear()
+    assert value(fresh_metrics, "ked_ready") == 1
+    assert value(fresh_metrics, "ked_editing_paused") == 0
+    state.pause("drift: flip rate 0.3 > 0.2")
+    assert value(fresh_metrics, "ked_editing_paused") == 1
+    assert value(fresh_metrics, "ked_ready") == 1  # paused editing is no readiness problem
+    state.resume()
+    assert value(fresh_metrics, "ked_editing_paused") == 0
+
+
+def test_the_gate_drift_of_the_live_version_is_exported_once_known(fresh_metrics: Metrics) -> None:
+    state = ServiceState()
+    fresh_metrics.watch(state, list)
+    assert value(fresh_metrics, "ked_gate_base_agreement_ratio") is None  # not known: no sample, not 0
+    state.set_drift(GateDrift(version=3, agreement=0.625, mean_kl=1.97))
+    assert value(fresh_metrics, "ked_gate_base_agreement_ratio") == 0.625
+    assert value(fresh_metrics, "ked_gate_base_mean_kl_nats") == 1.97
+    assert families(fresh_metrics)["ked_gate_base_mean_kl_nats"] == "gauge"
 
 
 def test_process_memory_is_read_at_scrape_time(fresh_metrics: Metrics) -> None:

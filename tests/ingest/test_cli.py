@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ingest.cli import main
+from daemon.commands.ingest import main
 from tests.conftest import REPO_ROOT
 from tests.ingest.conftest import DATA, Route, WebServer
 
@@ -51,3 +52,12 @@ def test_configuration_and_usage_errors_exit_2(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit) as usage:
         main([])
     assert usage.value.code == 2
+
+
+def test_an_unreachable_ledger_exits_3_with_the_reason(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KED_")}
+    env["KED_STORE__URL"] = "postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2"
+    result = subprocess.run([sys.executable, "-m", "ingest", "--state-dir", str(tmp_path), str(DATA / "native.jsonl")],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert (result.returncode, result.stdout) == (3, "")
+    assert result.stderr.startswith("python -m ingest: cannot connect to the ledger")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
-from ingest.config import IngestLimits
+from ingest.config import IngestConfig, IngestLimits
 from ingest.documents import document_format, gunzip, json_depth, read_document, safe_excerpt
 from ingest.errors import DocumentError
+from ingest.inputs import outcomes_of
+from store.records import RejectionIn
 
 GOOD = b'{"prompt": "p", "target_new": "t"}'
 
@@ -111,3 +114,18 @@ def test_format_from_name_content_type_and_sniffing(limits: IngestLimits) -> Non
 def test_json_depth_and_excerpts() -> None:
     assert (json_depth(1), json_depth([]), json_depth({"a": [1, {"b": 2}]})) == (0, 1, 3)
     assert safe_excerpt(b"ab\x00\xff" + b"z" * 1000) == ("ab\\x00\\xff" + "z" * 1000)[:500]
+
+
+def test_a_file_without_records_is_rejected_and_an_empty_one_by_name(tmp_path: Path) -> None:
+    """`python -m ingest FILE` and the drop folder give the same reasons (see test_dropfolder.py)."""
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_bytes(b"\n \n")
+    reasons = {}
+    for name in ("empty.jsonl", "blank.jsonl"):
+        outcomes, was_read = outcomes_of(str(tmp_path / name), IngestConfig())
+        assert was_read
+        reasons[name] = [o.reason for o in outcomes if isinstance(o, RejectionIn)]
+    assert reasons == {
+        "empty.jsonl": ["file: empty.jsonl is an empty file (0 bytes); it contains no records"],
+        "blank.jsonl": ["file: contains no records"],
+    }

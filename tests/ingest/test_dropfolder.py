@@ -59,6 +59,24 @@ def test_file_with_nothing_usable_goes_to_rejected(
         "file: contains no records", "file: invalid JSON: Expecting ',' delimiter at line 1 column 6"]
 
 
+def test_an_empty_file_has_no_records_and_is_rejected_by_name(
+    inbox: Path, ingest_config: IngestConfig, ledger: sessionmaker[Session]
+) -> None:
+    (inbox / "empty.jsonl").write_bytes(b"")
+    (inbox / "broken.json").write_text("[1, 2")
+    results = {r.name: r for r in DropFolder(inbox, ingest_config, ledger).scan()}
+
+    empty = results["empty.jsonl"]
+    assert empty.destination == inbox / "rejected" / "empty.jsonl"
+    assert empty.report is not None
+    report = json.loads(empty.report.read_text())
+    assert (report["records"], report["accepted"], report["rejected"]) == (0, 0, 1)
+    assert report["errors"] == [{"position": None, "field": "file", "excerpt": "",
+                                 "reason": "file: empty.jsonl is an empty file (0 bytes); it contains no records"}]
+    broken = results["broken.json"].report
+    assert broken is not None and json.loads(broken.read_text())["records"] == 0  # unreadable as a whole: no record
+
+
 def test_gzip_and_json_array_files(inbox: Path, ingest_config: IngestConfig, ledger: sessionmaker[Session]) -> None:
     (inbox / "a.jsonl.gz").write_bytes(gzip.compress(f"{fact(1)}\n{fact(2)}\n".encode()))
     (inbox / "b.json").write_text(json.dumps({"facts": [json.loads(fact(3)), json.loads(fact(1))]}))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from store.db import alembic_config, current_revision, downgrade_to, make_engine, upgrade_to_head
 from store.models import Base
@@ -76,3 +79,37 @@ def test_constraints_follow_the_naming_convention(empty_engine: Engine) -> None:
             assert str(index["name"]).startswith(("ix_", "uq_")), (table, index)
         for unique in inspector.get_unique_constraints(table):
             assert str(unique["name"]).startswith(f"uq_{table}_"), (table, unique)
+
+
+def test_failure_causes_are_read_from_the_errors_of_existing_facts(empty_engine: Engine) -> None:
+    upgrade_to_head(empty_engine)
+    downgrade_to(empty_engine, "0002")
+    now = datetime.now(UTC)
+    errors = {
+        1: ("failed", "the edit raised RuntimeError: CUDA out of memory"),
+        2: ("failed", "efficacy 0.250 < min_efficacy 0.9; out of retries after 3 tries"),
+        3: ("failed", "passes with part of the batch but not together with facts 4: KL 1.2 > 1.0; out of retries"),
+        4: ("rejected", "harms specificity on its own: agreement 0.4 < 0.6"),
+        5: ("pending", "efficacy 0.500 < min_efficacy 0.9"),
+        6: ("pending", "the daemon stopped while this fact's batch was being edited"),
+        7: ("committed", None),
+    }
+    sources = sa.table("sources", *(sa.column(c) for c in ("id", "name", "kind", "location", "consecutive_failures", "created_at")))
+    names = ("id", "prompt", "target_new", "rephrase_prompts", "locality", "content_hash", "prompt_hash", "status")
+    more = ("attempts", "last_error", "source_id", "origin_location", "received_at", "status_changed_at")
+    facts = sa.table("facts", *(sa.column(c) for c in (*names, *more)))
+    with empty_engine.begin() as connection:
+        connection.execute(sa.insert(sources).values(id=1, name="inbox", kind="dropfolder", location="inbox",
+                                                  consecutive_failures=0, created_at=now))
+        for fid, (status, error) in errors.items():
+            connection.execute(sa.insert(facts).values(
+                id=fid, prompt=f"p{fid}", target_new="t", rephrase_prompts="[]", locality="[]", content_hash=f"{fid:064}",
+                prompt_hash=f"{fid:064}", status=status, attempts=1, last_error=error, source_id=1, origin_location="f",
+                received_at=now, status_changed_at=now,
+            ))
+    upgrade_to_head(empty_engine)
+    with empty_engine.connect() as connection:
+        causes = dict(connection.execute(text("SELECT id, failure_cause FROM facts")).all())
+    assert causes == {1: "error", 2: "efficacy", 3: "specificity", 4: "specificity", 5: "efficacy", 6: None, 7: None}
+    with pytest.raises(IntegrityError), empty_engine.begin() as connection:  # the column takes the three causes only
+        connection.execute(text("UPDATE facts SET failure_cause = 'gremlins' WHERE id = 1"))

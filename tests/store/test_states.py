@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from store import states
 from store.errors import IllegalTransition, LedgerError, UnknownFact
-from store.models import Fact, FactStatus
+from store.models import Fact, FactStatus, FailureCause
 from store.states import LEGAL_TRANSITIONS, is_legal
 from tests.store.factories import add, commit, fact, make_fact_in, status_of
 
@@ -80,6 +80,33 @@ def test_side_effects(session: Session) -> None:
     row = session.get(Fact, fid)
     assert row is not None
     assert (row.attempts, row.last_error, row.status) == (2, "CUDA out of memory", S.EDITING)
+
+
+def test_the_failure_cause_is_stored_with_the_error_it_explains(session: Session) -> None:
+    (fid,) = add(session, fact())
+
+    def cause() -> FailureCause | None:
+        session.expire_all()
+        row = session.get(Fact, fid)
+        assert row is not None
+        return row.failure_cause
+
+    states.transition(session=session, fact_ids=[fid], to=S.EDITING)
+    states.transition(
+        session=session, fact_ids=[fid], to=S.PENDING, error="efficacy 0.5 < 0.9", failure_cause=FailureCause.EFFICACY
+    )
+    assert cause() is FailureCause.EFFICACY
+    states.transition(session=session, fact_ids=[fid], to=S.EDITING)  # a claim keeps it: the gate reads it
+    assert cause() is FailureCause.EFFICACY
+    states.transition(
+        session=session, fact_ids=[fid], to=S.FAILED, error="the edit raised OSError", failure_cause=FailureCause.ERROR
+    )
+    assert cause() is FailureCause.ERROR
+    states.transition(session=session, fact_ids=[fid], to=S.PENDING)  # a requeue: no new error, nothing changes
+    assert cause() is FailureCause.ERROR
+    states.transition(session=session, fact_ids=[fid], to=S.EDITING)
+    states.transition(session=session, fact_ids=[fid], to=S.PENDING, error="the daemon stopped")
+    assert cause() is None  # a new error without a cause: the old cause no longer explains it
 
 
 @pytest.mark.parametrize(

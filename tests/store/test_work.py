@@ -119,6 +119,19 @@ def test_requeue_by_ids_and_by_status(session: Session) -> None:
     assert [status_of(session, i) for i in ids] == [FactStatus.PENDING] * 3
 
 
+def test_a_requeued_fact_gets_a_fresh_retry_budget(session: Session) -> None:
+    ids = add(session, fact("a", "1"), fact("b", "2"))
+    for _ in range(3):  # three tries, the gate sending the facts back after each of the first two
+        work.claim_pending(session=session, limit=2)
+        states.transition(session=session, fact_ids=ids, to=FactStatus.PENDING, error="retry")
+    work.claim_pending(session=session, limit=2)
+    states.transition(session=session, fact_ids=ids, to=FactStatus.FAILED, error="out of retries after 4 tries")
+    assert {f.attempts for f in session.scalars(select(Fact).where(Fact.id.in_(ids)))} == {4}
+    assert work.requeue(session=session, status=FactStatus.FAILED) == ids
+    assert {f.attempts for f in session.scalars(select(Fact).where(Fact.id.in_(ids)))} == {0}
+    assert [f.attempts for f in work.claim_pending(session=session, limit=2)] == [1, 1]
+
+
 def test_requeue_refuses_other_states_and_bad_arguments(session: Session) -> None:
     (pending,) = add(session, fact())
     with pytest.raises(IllegalTransition, match=f"fact {pending} is pending"):

@@ -153,8 +153,9 @@ def tiny_model_dir(tmp_path: Path, engine_tiny_lm: Any, bpe_tokenizer: Any) -> t
 
 def _cli(model_dir: tuple[Path, list[str]], *extra: str) -> list[str]:
     folder, names = model_dir
+    # no probes unless a test asks: the shared GLUE texts are long for a tiny model's byte-level tokenizer
     return ["--model", str(folder), "--device", "cpu", "--modules", ",".join(names), "--no-progress", "--threads", "1",
-            *extra]
+            "--probe-limit", "0", *extra]
 
 
 def test_cli_writes_json_markdown_and_plot_and_respects_train_limit(
@@ -192,6 +193,26 @@ def test_cli_writes_json_markdown_and_plot_and_respects_train_limit(
     assert [r["method"] for r in merged["rows"]] == ["ultraedit", "emsedit2@K16"]
     assert merged["rows"][1]["editor"].startswith("reused") and len(merged["runs"]) == 2
     assert merged["runs"][0]["versions"]["transformers"] == metadata.version("transformers")
+
+
+def test_cli_locality_options_reach_the_report(tmp_path: Path, tiny_model_dir: tuple[Path, list[str]]) -> None:
+    dev, pool = _zsre_file(tmp_path, 8, "dev.json"), _zsre_file(tmp_path, 12, "pool.json")
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    for task in ("sst2", "cola"):
+        (probes / f"{task}.json").write_text(json.dumps([{"sentence": f"Who sang {i}?", "label": i % 2} for i in range(4)]))
+    common = ["--method", "ultraedit", "--data", f"zsre:{dev}", "--batch-size", "4", "--batches", "2"]
+    # a probe directory without every default task is skipped with a note, not an error
+    assert main(_cli(tiny_model_dir, *common, "--output", str(tmp_path / "a"), "--known-facts", "5",
+                     "--known-facts-data", f"zsre:{pool}", "--probe-data", str(probes), "--probe-limit", "2")) == 0
+    report = json.loads((tmp_path / "a" / "editing_zsre.json").read_text())
+    assert report["locality"]["known_facts_source"] == f"zsre:{pool}" and report["locality"]["probe_items"] == 0
+    assert any("probes not measured" in note for note in report["locality"]["notes"])
+    row = report["rows"][0]
+    assert row["probe_flip_rate"] is None and isinstance(row["mean_kl"], float) and "zero" in row["null_edit"]
+    assert main(_cli(tiny_model_dir, *common, "--output", str(tmp_path / "b"), "--no-locality")) == 0
+    plain = json.loads((tmp_path / "b" / "editing_zsre.json").read_text())
+    assert "locality" not in plain and "mean_kl" not in plain["rows"][0] and plain["rows"][0]["daemon_default"] is False
 
 
 def test_cli_loads_a_checkpoint(tmp_path: Path, tiny_model_dir: tuple[Path, list[str]]) -> None:

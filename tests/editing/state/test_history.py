@@ -139,7 +139,7 @@ def test_retention_prunes_old_artefacts_and_refuses_reverts_beyond_the_horizon(e
     assert history.store.versions(ArtefactKind.COMMIT) == {4, 5, 6, 7, 8}
     assert history.store.versions(ArtefactKind.SNAPSHOT) == {0, 4, 6, 8}
     recorded: list[int] = []
-    with pytest.raises(BeyondHorizon, match="oldest version that can be reverted to is 4"):
+    with pytest.raises(BeyondHorizon, match="oldest version that can still be rebuilt is 4"):
         history.revert_to(3, ledger.refs, record=lambda: recorded.append(3))
     assert recorded == [] and state.version == 8  # refused before the ledger was touched
     history.revert_to(4, ledger.refs, record=lambda: recorded.append(4))

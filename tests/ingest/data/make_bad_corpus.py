@@ -87,7 +87,7 @@ def whole(name, data, reason, what, n=0):
 whole("not_json.json", b'[{"prompt": "p", "target_new": "t"}, {"prompt": ', "file: invalid JSON: Expecting value at line 1 column 49", "JSON array cut short")
 whole("top_level_string.json", b'"facts"', "file: expected a JSON list of facts or an object, not str", "top-level string")
 whole("facts_not_list.json", b'{"facts": "none"}', "file: 'facts' must be a list of fact objects, not str", "facts key not a list")
-whole("empty.jsonl", b"", "file: contains no records", "empty file")
+whole("empty.jsonl", b"", "file: empty.jsonl is an empty file (0 bytes); it contains no records", "empty file")
 whole("blank_lines.jsonl", b"\n  \n\t\n", "file: contains no records", "only blank lines")
 whole("bad_gzip.jsonl.gz", b"this is not gzip at all", "file: not valid gzip data: Error -3 while decompressing data: incorrect header check", "not gzip")
 whole("gzip_bomb.jsonl.gz", gzip.compress(b" " * 1_000_000, 9, mtime=0), "file: decompresses to more than 16384 bytes (ingest.limits.max_file_bytes)", "1 MB of spaces in 1 kB of gzip")

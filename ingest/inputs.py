@@ -1,43 +1,29 @@
-"""`python -m ingest`: import fact files or URLs once into the ledger and print a summary.
+"""Inputs imported once (`python -m ingest FILE_OR_URL...`): read each file or URL, record its facts and rejections.
 
-Exit codes: 0 the inputs were processed (rejections included); 1 an input could not be read at
-all (missing file, failed fetch: listed in the summary and recorded as a rejection); 2 usage or
-configuration errors.
+Every input ends as facts or recorded rejections (source `cli`, location the resolved path or the
+URL): one that cannot be read at all (a missing file, a failed fetch) is a rejection too, and
+`import_inputs` says so. The command around it (arguments, settings, the summary) is
+`daemon.commands.ingest`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import ConfigError, Settings, add_common_arguments, settings_from_args
 from ingest.config import IngestConfig
-from ingest.documents import read_document, safe_excerpt
+from ingest.documents import no_records_reason, read_document, safe_excerpt
 from ingest.errors import DocumentError, FetchError
 from ingest.facts import Outcome, document_rejection, to_outcomes
 from ingest.fetch import fetch
 from ingest.recording import Tally, record_outcomes
 from store import intake
 
+#: Ledger source name of facts imported once from the command line.
 SOURCE_NAME = "cli"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ingest",
-        description="Import fact files (JSONL, JSON, .jsonl.gz) or http(s) URLs once into the ledger.",
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_URL", help="fact files or http(s) URLs")
-    return parser
 
 
 def is_url(text: str) -> bool:
@@ -75,7 +61,7 @@ def outcomes_of(item: str, config: IngestConfig) -> tuple[list[Outcome], bool]:
                                    reason=f"file: {exc}")], True
     if not records:
         return [document_rejection(source=SOURCE_NAME, location=location, excerpt="",
-                                   reason="file: contains no records")], True
+                                   reason=no_records_reason(name, data))], True
     return to_outcomes(records, source=SOURCE_NAME, location=location, limits=config.limits), True
 
 
@@ -91,53 +77,3 @@ def import_inputs(items: Sequence[str], config: IngestConfig, factory: sessionma
             with factory.begin() as session:
                 tally.add(record_outcomes(session, outcomes[start : start + config.commit_every]))
     return tally, all_read
-
-
-def summary(tally: Tally) -> dict[str, Any]:
-    """The summary printed by the command (the --json form)."""
-    return {
-        "accepted": tally.accepted,
-        "duplicates": tally.duplicates,
-        "rejected": tally.rejected,
-        "errors": [
-            {
-                "origin": {"source": r.origin.source, "location": r.origin.location, "position": r.origin.position},
-                "reason": r.reason,
-            }
-            for r in tally.rejections
-        ],
-    }
-
-
-def format_summary(tally: Tally) -> str:
-    """The human-readable summary: counts, then one line per rejection."""
-    lines = [f"accepted: {tally.accepted}", f"duplicates: {tally.duplicates}", f"rejected: {tally.rejected}"]
-    for r in tally.rejections:
-        where = r.origin.location + (f" {r.origin.position}" if r.origin.position else "")
-        lines.append(f"  {where}: {r.reason}")
-    return "\n".join(lines) + "\n"
-
-
-def _open_ledger(settings: Settings) -> sessionmaker[Session]:
-    from store.db import make_engine, make_session_factory, upgrade_to_head
-
-    engine = make_engine(settings.ledger_url(), sqlite_busy_timeout_ms=settings.store.sqlite_busy_timeout_ms)
-    upgrade_to_head(engine)
-    return make_session_factory(engine)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m ingest`."""
-    args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        print(f"python -m ingest: {exc}", file=sys.stderr)
-        return 2
-    from daemon.logs import configure_logging
-
-    configure_logging(settings.logging, stream=sys.stderr)  # stdout carries the summary
-    tally, all_read = import_inputs(args.inputs, settings.ingest, _open_ledger(settings))
-    out = json.dumps(summary(tally), ensure_ascii=False) + "\n" if args.json else format_summary(tally)
-    sys.stdout.write(out)
-    return 0 if all_read else 1
