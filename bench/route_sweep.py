@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -177,7 +178,7 @@ class Sweep:
         stream = {"data": str(args.data), "offset": args.offset, "batches": args.batches, "batch_size": 16, "seed": args.seed}
         self.report: dict[str, Any] = {
             "description": "routed edits (editing/engine/routing.py), untrained editor, daemon settings otherwise",
-            "command": " ".join(["nice -n 10 .venv/bin/python bench/route_sweep.py", *argv]),
+            "commands": [shlex.join(["nice", "-n", "10", ".venv/bin/python", "bench/route_sweep.py", *argv])],
             "stream": stream,
             "model": self.loaded.model_type,
             "edited_modules": self.names,
@@ -189,8 +190,9 @@ class Sweep:
         if old.exists() and not args.fresh:
             earlier = json.loads(old.read_text())
             if earlier.get("stream") == stream:
-                self.report |= {k: v for k, v in earlier.items() if k not in ("command", "threads")}
-                self.report["commands"] = sorted({*earlier.get("commands", [earlier.get("command", "")]), self.report["command"]})
+                command = self.report["commands"][0]
+                self.report |= {k: v for k, v in earlier.items() if k != "threads"}
+                self.report["commands"] = [c for c in earlier.get("commands", []) if c != command] + [command]
 
     def add_point(self, point: dict[str, Any]) -> None:
         """Record a point (replacing one of the same mode, keys and τ) and write every output file."""
@@ -344,6 +346,11 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def ordered(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """By mode and key store, routing off first, then from the strictest threshold down."""
+    return sorted(points, key=lambda p: (p["mode"], p["keys"] != "none", p["keys"], -(p["tau"] if p["tau"] != "off" else 2.0)))
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["stream"]
     lines = [
@@ -359,7 +366,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"locality rows; confident: only where the unedited top-1 probability is >= {CONFIDENT}; KL: mean "
         "KL(unedited ‖ edited) per locality answer position, averaged per row then over rows.",
         "",
-        "Command: `" + report["command"] + "`" + (" (points from: " + "; ".join(f"`{c}`" for c in report["commands"]) + ")" if len(report.get("commands", [])) > 1 else ""),
+        "Commands, in the order they ran (each adds its points to the file): " + "; ".join(f"`{c}`" for c in report["commands"]) + ".",
         "",
         "| mode | keys | τ | ES | GS | retention | confident retention | mean KL | routed on: edit / paraphrase / locality (% of positions, mean over modules) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -367,7 +374,7 @@ def markdown(report: dict[str, Any]) -> str:
     unedited = report.get("unedited")
     if unedited:
         lines.append(f"| unedited | - | - | {unedited['efficacy']} | {unedited['generalization']} | 100 | 100 | 0 | - |")
-    for p in report["points"]:
+    for p in ordered(report["points"]):
         shares = p.get("routed_on_percent", {})
         mean = " / ".join(_cell(round(statistics.mean(shares[k].values()), 1)) if shares.get(k) else "-" for k in ("edit", "paraphrase", "locality"))
         lines.append(
@@ -375,7 +382,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{p['confident_retention']} | {p['mean_kl']} | {mean if shares else '-'} |"
         )
     lines += ["", "## Share of positions routed on, per edited layer (%)", ""]
-    routed_points = [p for p in report["points"] if p.get("routed_on_percent")]
+    routed_points = [p for p in ordered(report["points"]) if p.get("routed_on_percent")]
     if routed_points:
         layers = list(routed_points[0]["routed_on_percent"].get("locality", {}))
         lines += ["| mode | keys | τ | kind | " + " | ".join(layers) + " |", "|---|---|---|---|" + "---|" * len(layers)]
@@ -460,7 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-repeats", type=int, default=10)
     parser.add_argument("--output", type=Path, default=RESULTS / "route_sweep", help="path stem of the .json/.md/.png")
     parser.add_argument("--fresh", action="store_true", help="ignore points of an earlier run")
+    parser.add_argument("--render", action="store_true", help="only write the .md and .png again from the .json")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(args.output.with_suffix(".json").read_text())
+        args.output.with_suffix(".md").write_text(markdown(report))
+        plot(report, args.output.with_suffix(".png"))
+        return 0
     torch.set_num_threads(args.threads)
     run(args, list(argv if argv is not None else sys.argv[1:]))
     return 0

@@ -104,10 +104,12 @@ def ask(client: openai.OpenAI, model_id: str, **options: Any) -> Any:
     return client.chat.completions.with_raw_response.create(model=model_id, messages=QUESTION, **arguments)  # type: ignore[arg-type]
 
 
-def test_models_names_the_served_model_and_version(client: openai.OpenAI, weights: WeightState) -> None:
+def test_models_names_the_served_model_and_version(
+    client: openai.OpenAI, weights: WeightState, tiny_model_dir: Path
+) -> None:
     raw = client.models.with_raw_response.list()
     (card,) = raw.parse().data
-    assert card.id == "tiny-model0"  # the local model directory's name
+    assert card.id == tiny_model_dir.name  # the local model directory's name
     assert card.model_extra is not None
     assert card.model_extra["model_version"] == 0
     assert card.model_extra["weights_sha256"] == weights.weights_sha256()

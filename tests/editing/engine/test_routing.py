@@ -159,7 +159,7 @@ def test_a_trace_sees_the_routed_outputs_even_when_it_was_entered_first(engine_t
             trace.select = batch.answer_mask
             with routed(model, base, store, RouteConfig(threshold=1.01)) if route else nullcontext():
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            answer_loss(logits, batch.labels).backward()
+            answer_loss(logits, batch.labels).backward()  # type: ignore[no-untyped-call]
         return trace.stacked(names[-1])[1]
 
     routed_grads = gradients(True)
