@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import getpass
 import json
-import os
 import re
 import sys
 import time
@@ -549,7 +548,6 @@ def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str])
             refs = commit_refs(session)
         staged, _, _ = history.stage_version(version, refs)
     info = export_model(loaded, history.state, out_dir=args.out_dir, staged=staged)
-    _share_like_ordinary_files(info.out_dir)
     seconds = time.perf_counter() - began
     result = {
         "version": info.version,
@@ -567,17 +565,6 @@ def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str])
         )
     return EXIT_OK
 
-
-def _share_like_ordinary_files(directory: Path) -> None:
-    """Give an exported directory the permissions of anything else written here (0755 / 0644 under umask 022).
-
-    The export is staged in a private temporary directory (0700) and safetensors writes its file 0600:
-    left so, a model server running as another user could not read the model it is meant to serve.
-    """
-    umask = os.umask(0)  # the only way to read the umask is to set it; put back at once
-    os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 MODEL_COMMANDS: dict[str, ModelCommand] = {"revert": cmd_revert, "export-model": cmd_export_model}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def export_model(
             "source": loaded.source,
         }
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        _share_like_ordinary_files(tmp)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
@@ -113,3 +115,15 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportInfo(out_dir, version, weights_sha256, len(tensors))
+
+
+def _share_like_ordinary_files(directory: Path) -> None:
+    """Give a staged export the permissions of any other file written here (0755 / 0644 under umask 022).
+
+    `mkdtemp` makes the staging directory 0700 and safetensors writes its file 0600: left so, a model
+    server running as another user could not read the model it is meant to serve.
+    """
+    umask = os.umask(0)  # the only way to read the umask is to set it; put back at once
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
