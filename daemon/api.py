@@ -9,6 +9,9 @@ Endpoints (docs/api.md has examples):
 - ``POST /v1/query``: completion and answer probabilities from the live edited model.
 - ``POST /v1/facts`` and ``POST /v1/revert``: write endpoints, behind the bearer token when one is
   configured, absent when ``api.write_enabled`` is false.
+- The review queue (docs/trust.md), behind the same token: ``GET /v1/review``, ``POST
+  /v1/facts/{fact_id}/approve`` and ``/reject``, and the bulk forms ``POST /v1/review/approve`` and
+  ``/reject`` with a filter.
 
 Every answer is JSON except /metrics; errors are ``{"detail": ...}``. All work is delegated to the
 `ServiceView`; blocking calls run in the server's thread pool. Nothing is built at import time.
@@ -20,6 +23,7 @@ FastAPI can only see when annotations are evaluated at definition time.
 
 import importlib.metadata
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
@@ -38,7 +42,9 @@ from daemon.api_guards import (
     json_body,
 )
 from daemon.api_models import (
+    BulkDecision,
     CommitList,
+    Decision,
     ErrorBody,
     FactDetail,
     FactList,
@@ -50,14 +56,18 @@ from daemon.api_models import (
     RevertLast,
     RevertResult,
     RevertTo,
+    ReviewQueue,
+    ReviewResult,
     ServiceStatus,
     SubmitSummary,
 )
 from daemon.config import ApiConfig
 from daemon.metrics import Metrics
 from daemon.openai_api import add_openai_api
+from daemon.review import Action, ReviewDesk
 from daemon.service_view import NotFound, ServiceView, ViewError
-from store.models import FactStatus
+from store.models import FactStatus, HoldReason
+from store.trust import ReviewFilter
 
 MAX_ID = 2**53 - 1  # the largest integer every JSON client represents exactly
 MAX_LIST_LIMIT = 1000
@@ -75,8 +85,9 @@ _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(api_config: ApiConfig, view: ServiceView, metrics: Metrics) -> FastAPI:
-    """The application: routes over `view`, guarded by `api_config`'s token and limits, counted in `metrics`."""
+def create_app(api_config: ApiConfig, view: ServiceView, metrics: Metrics, review: ReviewDesk | None = None) -> FastAPI:
+    """The application: routes over `view`, guarded by `api_config`'s token and limits, counted in `metrics`;
+    with `review`, the review queue's routes too (behind the write token)."""
     app = FastAPI(
         title="Lifelong knowledge-editing daemon",
         version=_package_version(),
@@ -87,6 +98,8 @@ def create_app(api_config: ApiConfig, view: ServiceView, metrics: Metrics) -> Fa
     _add_query_route(app, view, metrics, api_config.max_new_tokens)
     if api_config.write_enabled:
         _add_write_routes(app, view, api_config)
+        if review is not None:
+            _add_review_routes(app, review, api_config)
 
     app.exception_handler(RequestValidationError)(answer_validation_error)
 
@@ -259,3 +272,93 @@ def _add_write_routes(app: FastAPI, view: ServiceView, config: ApiConfig) -> Non
         to_version = body.to_version if isinstance(body, RevertTo) else None
         last = body.last if isinstance(body, RevertLast) else None
         return view.request_revert(to_version=to_version, last=last, reason=body.reason, requested_by=f"api:{client}")
+
+
+def _reviewer(body: Decision, request: Request) -> str:
+    if body.reviewer is not None:
+        return f"api:{body.reviewer.strip()}"
+    return f"api:{request.client.host if request.client else 'unknown'}"
+
+
+def _add_review_routes(app: FastAPI, desk: ReviewDesk, config: ApiConfig) -> None:
+    guard = Depends(bearer_guard(config.token))
+    decision_errors: dict[int | str, dict[str, Any]] = {
+        **_WRITE_ERRORS,
+        404: {"model": ErrorBody, "description": "No such fact or source, or no held fact matches the filter."},
+        409: {"model": ErrorBody, "description": "A fact named is not waiting (not held)."},
+    }
+
+    @app.get(
+        "/v1/review",
+        tags=["review"],
+        summary="Facts waiting for review or for their source's limits, oldest first",
+        dependencies=[guard],
+        responses={**_READ_ERRORS, 401: _WRITE_ERRORS[401], 404: {"model": ErrorBody, "description": "Unknown source."}},
+    )
+    def list_review(
+        source: Annotated[str | None, Query(max_length=200, description="Only facts that arrived from this source.")] = None,
+        origin: Annotated[str | None, Query(max_length=4096, description="Only facts from this file path or URL.")] = None,
+        held_for: Annotated[HoldReason | None, Query(description="Only facts held for this reason.")] = None,
+        prompt: Annotated[str | None, Query(max_length=2000, description="Only prompts containing this text.")] = None,
+        answers: Annotated[bool, Query(description="Add the live model's current answer to each prompt.")] = False,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 100,
+    ) -> ReviewQueue:
+        for text in (source, origin, prompt):
+            if text is not None and not text.isprintable():
+                raise NotFound(f"no held fact matches {text!r}")
+        selection = ReviewFilter(source=source, origin=origin, reason=held_for, prompt_contains=prompt)
+        items, summary, problem = desk.queue(selection, limit=limit, answers=answers)
+        return ReviewQueue.model_validate(
+            {"held": [item.as_dict() for item in items], "queue": asdict(summary), "answers_missing": problem}
+        )
+
+    def decide(action: Action, selection: ReviewFilter, body: Decision, request: Request) -> ReviewResult:
+        outcome = desk.decide(action, selection, reviewer=_reviewer(body, request), reason=body.reason)
+        return ReviewResult.model_validate(asdict(outcome))
+
+    for action in ("approve", "reject"):
+        _add_decision_routes(app, action, decide, guard, decision_errors)  # type: ignore[arg-type]
+
+
+def _add_decision_routes(
+    app: FastAPI,
+    action: Action,
+    decide: Any,
+    guard: Any,
+    errors: dict[int | str, dict[str, Any]],
+) -> None:
+    @app.post(
+        f"/v1/facts/{{fact_id}}/{action}",
+        tags=["review"],
+        summary=f"{action.capitalize()} one held fact",
+        dependencies=[guard, Depends(json_body)],
+        responses=errors,
+        name=f"{action}_fact",
+    )
+    def one(fact_id: Annotated[int, Path(ge=1, le=MAX_ID)], body: Decision, request: Request) -> ReviewResult:
+        return decide(action, ReviewFilter(ids=(fact_id,)), body, request)  # type: ignore[no-any-return]
+
+    @app.post(
+        f"/v1/review/{action}",
+        tags=["review"],
+        summary=f"{action.capitalize()} every held fact a filter matches",
+        dependencies=[guard, Depends(json_body)],
+        responses=errors,
+        name=f"{action}_matching",
+    )
+    def bulk(body: BulkDecision, request: Request) -> ReviewResult:
+        given = body.filter
+        selection = ReviewFilter(
+            ids=tuple(given.ids) if given.ids else None,
+            source=given.source,
+            origin=given.origin,
+            reason=given.held_for,
+            prompt_contains=given.prompt_contains,
+        )
+        if selection.is_empty():
+            raise _EmptyFilter("the filter names nothing: give ids, source, origin, held_for or prompt_contains")
+        return decide(action, selection, body, request)  # type: ignore[no-any-return]
+
+
+class _EmptyFilter(ViewError):
+    status_code = 422

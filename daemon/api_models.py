@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from daemon.service_state import EditorState
-from store.models import FactStatus, FailureCause
+from store.models import FactStatus, FailureCause, HoldReason
 
 MAX_PROMPT_CHARS = 1000  # at most 4000 byte-level tokens: within any supported model's context
 MAX_ANSWER_CHARS = 500
@@ -92,6 +92,7 @@ class FactSummary(_Out):
     commit_version: int | None
     received_at: datetime
     failure_cause: LastFailureCause
+    hold_reason: str | None = Field(None, description="Why it is held, while it is (docs/trust.md).")
 
 
 class FactList(_Out):
@@ -112,6 +113,16 @@ class FactOrigin(_Out):
     external_id: str | None
     observed_at: datetime | None
     received_at: datetime
+
+
+class ReviewRecord(_Out):
+    """One decision on a held fact (the review audit trail)."""
+
+    action: str = Field(description="approved, rejected, or released (by the daemon: its source is under its limits).")
+    reviewer: str
+    reason: str | None
+    hold_reason: str | None = Field(description="Why the fact had been held.")
+    decided_at: datetime
 
 
 class FactDetail(_Out):
@@ -138,6 +149,8 @@ class FactDetail(_Out):
     commit_version: int | None
     commit_history: list[int] = Field(description="Every commit that applied it, oldest first.")
     origins: list[FactOrigin] = Field(description="Every arrival, oldest first.")
+    hold_reason: str | None = Field(None, description="Why it is held (review, protected, conflict, rate_limit, pending_limit).")
+    reviews: list[ReviewRecord] = Field(default_factory=list, description="Every approval, rejection or release, oldest first.")
 
 
 class FactsSubmission(BaseModel):
@@ -178,6 +191,9 @@ class SubmitSummary(_Out):
     accepted: int = Field(ge=0, description="New facts stored (pending).")
     duplicates: int = Field(ge=0, description="Records matching a fact already stored (provenance recorded).")
     superseded: int = Field(ge=0, description="Older pending facts replaced by a newer target for the same prompt.")
+    held: int = Field(
+        0, ge=0, description="Of the new facts, those waiting for review or for the source's limits (docs/trust.md)."
+    )
     rejected: int = Field(ge=0, description="Records that did not become facts; see `rejections`.")
     fact_ids: list[int] = Field(description="Ids of the facts the accepted and duplicate records map to, in order.")
     rejections: list[RecordRejection]
@@ -347,3 +363,77 @@ class RevertResult(_Out):
     reverted_commits: int
     reverted_facts: int
     weights_restored: bool = Field(description="True once the live weights equal the target version's.")
+
+
+# --- the review queue (docs/trust.md) ------------------------------------------------------------------
+
+
+class ReviewFilterIn(BaseModel):
+    """Which held facts a bulk decision means; every given field must match, at least one must be given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[int, Field(ge=1, le=2**53 - 1)]] | None = Field(None, min_length=1, max_length=10_000)
+    source: str | None = Field(None, min_length=1, max_length=200, description="Arrived from this source, e.g. feed:wire.")
+    origin: str | None = Field(None, min_length=1, max_length=4096, description="Arrived from this file path or URL.")
+    held_for: HoldReason | None = Field(None, description="Held for this reason.")
+    prompt_contains: str | None = Field(None, min_length=1, max_length=2000, description="Prompt contains this text (any case).")
+
+
+class Decision(BaseModel):
+    """Why, and who decides (recorded as `api:<reviewer>`; without one, `api:<client address>`)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "checked the filing", "reviewer": "alice"}]})
+
+    reason: str | None = Field(None, max_length=2000)
+    reviewer: str | None = Field(None, min_length=1, max_length=100, pattern=NON_BLANK)
+
+
+class BulkDecision(Decision):
+    """A decision on every held fact the filter matches."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"filter": {"source": "feed:wire"}, "reason": "trusted feed", "reviewer": "alice"}]},
+    )
+
+    filter: ReviewFilterIn
+
+
+class HeldFactOut(_Out):
+    """A fact waiting in the review queue."""
+
+    id: int
+    prompt: str
+    target_new: str = Field(description="The proposed answer.")
+    ground_truth: str | None
+    model_answer: str | None = Field(description="The live model's current greedy answer (when asked for with answers=true).")
+    source: str
+    location: str
+    position: str | None
+    hold_reason: str
+    note: str | None = Field(description="The hold reason in words.")
+    received_at: datetime
+    held_since: datetime
+
+
+class QueueSummaryOut(_Out):
+    held: int
+    by_reason: dict[str, int]
+    by_source: dict[str, dict[str, int]]
+    oldest_held_since: datetime | None
+
+
+class ReviewQueue(_Out):
+    held: list[HeldFactOut] = Field(description="Oldest first.")
+    queue: QueueSummaryOut
+    answers_missing: str | None = Field(None, description="Why model answers are missing, when they were asked for.")
+
+
+class ReviewResult(_Out):
+    """What a decision did."""
+
+    action: str = Field(description="approved or rejected")
+    decided: list[int] = Field(description="The facts this request moved.")
+    skipped: list[int] = Field(description="Facts another reviewer decided between the lookup and the update.")
+    superseded: list[int] = Field(description="Pending facts of the same prompts an approval superseded.")

@@ -5,7 +5,8 @@ job every `[edit_loop] poll_seconds`; under one lock (`writer`) it
 
 1. carries out reverts filed in the ledger by `python -m daemon.ledger revert` while the daemon runs;
 2. runs the baseline probe once, then the periodic probes when due, and follows the drift policy;
-3. while at least `min_batch` facts are pending, or the oldest pending one has waited `max_wait_seconds`,
+3. releases facts held by their source's limits once the source is under them again (`store.trust`);
+   then, while at least `min_batch` facts are pending, or the oldest pending one has waited `max_wait_seconds`,
    edits a batch: claim up to `[editor] batch_size` facts (-> editing), propose and gate them on the
    live weights (`editing.gate.batch_edit`), then commit what passed with the model-state protocol
    (artefact durable -> one ledger transaction with the commit row, the fact states and the gate's
@@ -13,6 +14,10 @@ job every `[edit_loop] poll_seconds`; under one lock (`writer`) it
    each with the `FailureCause` of its try). Facts that missed `min_efficacy` are retried in batches
    of their own, of at most `[gate] retry_batch_size`;
 4. consolidates the artefacts (snapshots, retention) between batches.
+
+The gate checks the protected facts of `[ingest] protected_facts` on every try (`editing.gate.protected`):
+the file is read again whenever it changes, and a file that can no longer be read keeps the last good
+set in force (logged). A fact that changes a protected fact's answer is rejected with the reason.
 
 A stop request abandons the in-flight batch at the gate's next try (the facts go back to pending);
 a commit already under way finishes. Reverts from the HTTP API take the same lock (`revert`).
@@ -57,13 +62,15 @@ from editing.data import EditExample
 from editing.engine.checkpoint import code_version
 from editing.engine.emsedit import EMSEditor
 from editing.gate.batch_edit import BatchResult, EditInterrupted, GatedEditor
-from editing.gate.checks import BatchChecker, FactOutcome, Gate, GateFact, GateVerdict
+from editing.gate.checks import PROTECTED_REASON, BatchChecker, FactOutcome, Gate, GateFact, GateVerdict
 from editing.gate.probes import DriftPolicy, ProbeReport, ProbeSuite, probes_due
+from editing.gate.protected import ProtectedCheck, ProtectedFact
 from editing.gate.specificity import ReferenceStore
 from editing.model.loading import LoadedModel
 from editing.model.scoring import answer_scores
 from editing.state.history import CommitRecord, ModelHistory
-from store import commits, pauses, queries
+from ingest.trust import ProtectedFactsError, load_protected, trust_rules
+from store import commits, pauses, queries, trust
 from store.errors import StaleVersion
 from store.models import Commit, Fact, FactStatus, FailureCause, ProbeKind, ProbeRun
 from store.records import CommitIn
@@ -166,6 +173,9 @@ class EditLoop:
         self._baseline_done = False
         self._commits_since_probe = 0
         self._last_probe_at = time.monotonic()
+        self._protected_stamp: tuple[int, int] | None = None
+        self._protected: ProtectedCheck | None = None
+        self._protected = self._load_protected(strict=True)
         self._after_version_change()
         self.restore_pause()
 
@@ -175,7 +185,7 @@ class EditLoop:
         """Start editing with `editor` (the live model's); its statistics follow the recovered version."""
         with self.writer:
             self.history.attach_editor(editor)
-            checker = BatchChecker.from_config(self.settings.gate, self.references)
+            checker = BatchChecker.from_config(self.settings.gate, self.references, self._protected)
             self.gated = GatedEditor(editor, self.history.state, Gate(self.settings.gate), checker)
             self.editor_version = f"{code_version()}+{checkpoint_id}"
 
@@ -213,7 +223,7 @@ class EditLoop:
                 return
             if not self._baseline_done:
                 self._baseline_probe()
-            while not self.stop.is_set() and not self.state.now().paused and self._due():
+            while not self.stop.is_set() and not self.state.now().paused and self._batch_due():
                 self._apply_reverts()  # a revert filed by the CLI goes before the next batch
                 if self.state.now().paused:
                     break
@@ -248,6 +258,11 @@ class EditLoop:
             # A revert filed with the CLI is an operator's answer to a pause, as one through the API is.
             self._resume(f"revert {', '.join(map(str, applied))}")
 
+    def _batch_due(self) -> bool:
+        """Release what the sources' limits allow now (a commit may have made room), then `_due`."""
+        self.release_held()
+        return self._due()
+
     def _due(self) -> bool:
         if not self.settings.edit_loop.enabled:
             return False
@@ -261,6 +276,60 @@ class EditLoop:
             return False
         oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
         return (datetime.now(UTC) - oldest).total_seconds() >= self.settings.edit_loop.max_wait_seconds
+
+    # --- trust -----------------------------------------------------------------------------------
+
+    def release_held(self) -> dict[str, list[int]]:
+        """Release the facts held by a limit whose source is under its limits again (`store.trust.release_held`)."""
+        rules = trust_rules(self.settings.ingest, protected=())
+        with self.sessions.begin() as session:
+            released = trust.release_held(session=session, rules=rules)
+        for source, ids in released.items():
+            self.metrics.observe_released(source, len(ids))
+            log.info("facts released: their source is under its limits again", source=source, facts=len(ids))
+        return released
+
+    def _load_protected(self, *, strict: bool = False) -> ProtectedCheck | None:
+        """The protected facts of `[ingest] protected_facts`, read when the file changed since the last read.
+
+        `strict` (at construction): a bad file raises ProtectedFactsError, so the daemon does not start
+        without its protected facts; otherwise the last good set stays in force and the problem is logged.
+        """
+        path = self.settings.ingest.protected_facts
+        if path is None:
+            return None
+        try:
+            status = path.stat()
+        except OSError as exc:
+            if strict:
+                raise ProtectedFactsError(f"protected facts file {path}: cannot read it: {exc}") from None
+            log.error("protected facts file unreadable; the last set read stays in force", path=str(path), error=str(exc))
+            return self._protected
+        stamp = (status.st_mtime_ns, status.st_size)
+        if stamp == self._protected_stamp:
+            return self._protected
+        try:
+            facts = load_protected(path)
+        except ProtectedFactsError as exc:
+            if strict:
+                raise
+            log.error("protected facts file invalid; the last set read stays in force", error=str(exc))
+            return self._protected
+        self._protected_stamp = stamp
+        labels = [ProtectedFact(f.prompt, f.answer, f.describe(path)) for f in facts]
+        log.info("protected facts read", path=str(path), facts=len(labels))
+        return ProtectedCheck(labels, self.settings.gate.batch_size)
+
+    def _refresh_protected(self) -> None:
+        self._protected = self._load_protected()
+        if self.gated is not None:
+            self.gated.checker.protected = self._protected
+
+    def _observe_protected(self, verdict: GateVerdict) -> None:
+        if self._protected is None:
+            return
+        violations = sum(1 for o in verdict.outcomes if o.status == "rejected" and o.reason.startswith(PROTECTED_REASON))
+        self.metrics.observe_protected(facts=len(self._protected), checked=verdict.protected_checked, violations=violations)
 
     # --- one batch -------------------------------------------------------------------------------
 
@@ -296,6 +365,7 @@ class EditLoop:
         if not facts:
             return report
         ids = [int(f.key) for f in facts]
+        self._refresh_protected()
         try:
             result = self.gated.edit(facts, should_stop=self.stop.is_set)
         except EditInterrupted:
@@ -310,6 +380,7 @@ class EditLoop:
             report.outcome, report.seconds = BatchOutcome.FAILED, time.perf_counter() - began
             self.metrics.observe_batch(BatchOutcome.FAILED, report.seconds, phases)
             return report
+        self._observe_protected(result.verdict)
         phases[BatchPhase.EDIT] = result.edit_seconds
         phases[BatchPhase.GATE] = result.phases.get("check", 0.0)
         commit_began = time.perf_counter()

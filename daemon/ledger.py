@@ -1,7 +1,7 @@
 """Read and steer the edit ledger, and the model state behind it, from the command line (`python -m daemon.ledger`).
 
 Commands: `status`, `log`, `show FACT_ID | vVERSION`, `facts`, `requeue`, `export`, `resume`,
-`revert`, `export-model`. Output is readable text by default and JSON with `--json`. Start-up is
+`review`, `approve`, `reject`, `revert`, `export-model`. Output is readable text by default and JSON with `--json`. Start-up is
 `daemon.bootstrap`'s: settings, logging to stderr (stdout stays clean for --json and export), the
 ledger opened with every `[store]` option and upgraded to head before any command runs. No command
 creates a ledger: where the settings point to none (run outside the service's directory without
@@ -15,6 +15,12 @@ ledger cannot be reached.
 `resume` ends the pause in force (the daemon pauses editing on drift, a blocked gate or a revert it
 could not apply; the pause outlives restarts): it records the resume in the ledger, which a running
 daemon follows at its next pass and a stopped one at its next start. `status` shows the pause in force.
+
+`review` lists the facts held for review or by their source's limits (docs/trust.md), oldest first,
+with `--answers` beside the model's current answer (asked of the running daemon's API); `approve` and
+`reject` decide held facts by id, `--source`, `--origin`, `--held-for` or `--prompt`, with `--reason`
+and `--by` (default `cli:<user name>`) kept in the audit trail that `show` prints. A fact that is not
+held, or a filter that matches nothing, is refused (exit 1).
 
 `revert` is exact: with the daemon stopped it takes the model lock, rebuilds the target version from
 the artefacts, checks its weights hash and records the revert (`daemon.model_state.revert_model`);
@@ -41,13 +47,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.bootstrap import LedgerMissing, command_parser, command_settings, load_model, open_ledger, open_model_state
 from daemon.config import Settings
+from daemon.review import answers_from_daemon, with_answers
 from store import commits as store_commits
 from store import pauses as store_pauses
+from store import trust as store_trust
 from store import work as store_work
 from store.db import make_read_session_factory, make_session_factory, serialise_writers
 from store.errors import LedgerError, LedgerUnavailable, UnknownVersion
 from store.lock import ModelInUse, ModelLock
-from store.models import Commit, FactStatus, Pause, Revert
+from store.models import Commit, FactStatus, HoldReason, Pause, Revert
 from store.queries import (
     commit_detail,
     export_facts,
@@ -63,7 +71,8 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 PROG = "python -m daemon.ledger"
 STATUSES = tuple(status.value for status in FactStatus)
 REQUEUEABLE = tuple(status.value for status in store_work.REQUEUEABLE)
-READ_COMMANDS = frozenset({"status", "log", "show", "facts", "export"})
+READ_COMMANDS = frozenset({"status", "log", "show", "facts", "export", "review"})
+HOLD_REASONS = tuple(reason.value for reason in HoldReason)
 _SHOW_ARGUMENT = re.compile(r"^(?:(?P<fact>\d+)|v(?P<version>\d+))$")
 #: The purpose the running daemon names when it takes the model lock (daemon/service.py).
 DAEMON_PURPOSE = "daemon"
@@ -103,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--reason", required=True, type=_text, metavar="TEXT", help="why editing may go on (kept in the ledger)"
     )
+    review = commands.add_parser("review", parents=[common], help="facts waiting for review or for their source's limits")
+    _add_review_filters(review)
+    review.add_argument("--limit", type=_positive, default=None, help="list at most N facts")
+    review.add_argument(
+        "--answers", action="store_true", help="show the model's current answer beside each proposed one (asks the running daemon)"
+    )
+    for name, verb in (("approve", "edit them: held -> pending"), ("reject", "never edit them: held -> rejected")):
+        decide = commands.add_parser(name, parents=[common], help=f"decide held facts: {verb}")
+        decide.add_argument("ids", nargs="*", type=_positive, metavar="FACT_ID")
+        _add_review_filters(decide)
+        decide.add_argument("--reason", default=None, type=_text, metavar="TEXT", help="why (kept in the audit trail)")
+        decide.add_argument("--by", default=None, type=_text, metavar="NAME", help="who decides (default: cli:<user name>)")
     export = commands.add_parser("export", help="facts as JSONL in the ingest format")
     _add_filters(export)
     export.add_argument("--output", type=Path, default=None, help="write to this file (default: stdout)")
@@ -132,6 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", choices=STATUSES, help="only facts in this status")
     parser.add_argument("--source", metavar="NAME", help="only facts that arrived from this source")
+
+
+def _add_review_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", metavar="NAME", help="only facts that arrived from this source (e.g. feed:wire)")
+    parser.add_argument("--origin", metavar="LOCATION", help="only facts that arrived from this file path or URL")
+    parser.add_argument("--held-for", choices=HOLD_REASONS, help="only facts held for this reason")
+    parser.add_argument("--prompt", metavar="TEXT", help="only facts whose prompt contains TEXT (any case)")
+
+
+def _review_filter(args: argparse.Namespace) -> store_trust.ReviewFilter:
+    return store_trust.ReviewFilter(
+        ids=tuple(args.ids) if getattr(args, "ids", None) else None,
+        source=args.source,
+        origin=args.origin,
+        reason=HoldReason(args.held_for) if args.held_for else None,
+        prompt_contains=args.prompt,
+    )
 
 
 def _positive(text: str) -> int:
@@ -188,6 +226,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             context = ModelContext(settings, make_session_factory(engine), make_read_session_factory(engine))
             return _run_model_command(MODEL_COMMANDS[args.command], context, args, sys.stdout)
         # Read commands never wait for the daemon's writes; requeue takes the write lock.
+        args.api_config = settings.api  # `review --answers` asks the running daemon
         factory = make_read_session_factory if args.command in READ_COMMANDS else make_session_factory
         with factory(engine)() as session, session.begin():
             COMMANDS[args.command](session, args, sys.stdout)
@@ -253,6 +292,12 @@ def cmd_show(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
                 place = " ".join(str(origin[k]) for k in ("location", "position") if origin[k])
                 out.write(f"{'origin':18} {origin['source']}: {place} at {_plain(origin['received_at'])}\n")
             continue
+        if key == "reviews":  # the audit trail: who decided what about the held fact, when and why
+            for review in value:
+                why = f": {review['reason']}" if review["reason"] else ""
+                held = f" (held for {review['hold_reason']})" if review["hold_reason"] else ""
+                out.write(f"{'review':18} {review['action']} by {review['reviewer']} at {_plain(review['decided_at'])}{held}{why}\n")
+            continue
         out.write(f"{key:18} {_plain(value)}\n")
 
 
@@ -308,6 +353,50 @@ def cmd_export(session: Session, args: argparse.Namespace, out: IO[str]) -> None
     print(f"exported {count} fact(s) to {args.output}", file=sys.stderr)
 
 
+def cmd_review(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
+    facts = store_trust.held_facts(session, _review_filter(args), limit=args.limit)
+    summary = store_trust.queue_summary(session)
+    items, problem = with_answers(facts, answers_from_daemon(args.api_config)) if args.answers else (None, None)
+    if args.json:
+        rows = [item.as_dict() for item in items] if items is not None else facts
+        return _print_json(out, {"held": rows, "queue": summary, "answers_missing": problem})
+    for index, held in enumerate(facts):
+        place = " ".join(p for p in (held.location, held.position or "") if p)
+        out.write(f"{held.id:>8} {held.hold_reason:<13} {held.source}: {place} (held since {_plain(held.held_since)})\n")
+        out.write(f"{'':>8} prompt   {held.prompt}\n{'':>8} proposed {held.target_new}\n")
+        if items is not None and items[index].model_answer is not None:
+            out.write(f"{'':>8} model    {items[index].model_answer}\n")
+        if held.note:
+            out.write(f"{'':>8} why      {held.note}\n")
+    if problem:
+        out.write(f"({problem})\n")
+    out.write(f"{len(facts)} fact(s) shown; {summary.held} held in all: {_counts(summary.by_reason)}\n")
+
+
+def cmd_approve(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
+    _decide(session, args, out, store_trust.approve)
+
+
+def cmd_reject(session: Session, args: argparse.Namespace, out: IO[str]) -> None:
+    _decide(session, args, out, store_trust.reject)
+
+
+def _decide(session: Session, args: argparse.Namespace, out: IO[str], decide: Callable[..., store_trust.ReviewOutcome]) -> None:
+    selection = _review_filter(args)
+    if selection.is_empty():
+        raise UsageError("name the facts: ids, or --source, --origin, --held-for or --prompt")
+    reviewer = args.by or f"cli:{_user_name()}"
+    outcome = decide(session=session, selection=selection, reviewer=reviewer, reason=args.reason)
+    if args.json:
+        return _print_json(out, outcome)
+    verb = "approved" if outcome.action == "approved" else "rejected"
+    out.write(f"{verb} {len(outcome.decided)} fact(s)" + (f": {_id_list(list(outcome.decided))}" if outcome.decided else "") + "\n")
+    if outcome.superseded:
+        out.write(f"superseded {len(outcome.superseded)} pending fact(s) of the same prompts: {_id_list(list(outcome.superseded))}\n")
+    if outcome.skipped:
+        out.write(f"skipped {len(outcome.skipped)} decided meanwhile by someone else: {_id_list(list(outcome.skipped))}\n")
+
+
 _REVERT_COLUMNS = (
     "id",
     "requested_at",
@@ -330,6 +419,9 @@ COMMANDS: dict[str, Callable[[Session, argparse.Namespace, IO[str]], None]] = {
     "requeue": cmd_requeue,
     "export": cmd_export,
     "resume": cmd_resume,
+    "review": cmd_review,
+    "approve": cmd_approve,
+    "reject": cmd_reject,
 }
 
 

@@ -25,21 +25,19 @@ from daemon.api_models import (
 )
 from daemon.metrics import Metrics
 from daemon.rejection_codes import reason_code
-from daemon.service_view import InvalidInput, NotFound
+from daemon.service_view import InvalidInput, NotFound, Unavailable
 from ingest.config import IngestConfig
 from ingest.documents import read_document
 from ingest.errors import DocumentError
 from ingest.facts import to_outcomes
-from ingest.recording import split
+from ingest.recording import split, switched_off
 from ingest.scheduling import is_healthy
+from ingest.trust import API_SOURCE, ProtectedFactsError, trust_rules
 from store import intake, queries
 from store.commits import current_version
 from store.errors import InvalidFact, LedgerError, UnknownFact, UnknownSource
 from store.models import FactStatus
 from store.records import RejectionIn
-
-#: Ledger source name of facts posted to the API.
-API_SOURCE = "api"
 
 
 def commit_out(view: queries.CommitView) -> CommitOut:
@@ -113,9 +111,15 @@ class LedgerView:
         outcomes = to_outcomes(records, source=API_SOURCE, location=origin, limits=self.ingest.limits)
         accepted, rejected = split(outcomes)
         try:
+            rules = trust_rules(self.ingest)
+        except ProtectedFactsError as exc:
+            raise Unavailable(f"facts cannot be taken now: {exc}") from None
+        accepted, off = switched_off(accepted, rules)
+        rejected += off
+        try:
             with self.sessions.begin() as session:
                 intake.ensure_source(session=session, name=API_SOURCE, kind="api", location="POST /v1/facts")
-                result = intake.add_facts(session=session, items=[(a.fact, a.origin) for a in accepted])
+                result = intake.add_facts(session=session, items=[(a.fact, a.origin) for a in accepted], rules=rules)
                 intake.add_rejections(session=session, items=rejected)
         except InvalidFact as exc:
             raise InvalidInput(str(exc)) from None
@@ -126,10 +130,12 @@ class LedgerView:
                 duplicates=result.duplicates,
                 rejection_reasons=[r.reason for r in rejected],
             )
+            self.metrics.observe_held(API_SOURCE, result.held)
         return SubmitSummary(
             accepted=result.accepted,
             duplicates=result.duplicates,
             superseded=result.superseded,
+            held=result.held,
             rejected=len(rejected),
             fact_ids=list(result.fact_ids),
             rejections=[rejection_out(r) for r in rejected],

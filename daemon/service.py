@@ -44,6 +44,7 @@ from daemon.http_server import HttpServer
 from daemon.ledger_view import LedgerView
 from daemon.metrics import Metrics
 from daemon.model_state import edited_modules
+from daemon.review import ANSWER_TOKENS, ReviewDesk
 from daemon.service_state import EditorState, ServiceState
 from daemon.view import DaemonView
 from editing.errors import EditingError
@@ -51,7 +52,8 @@ from editing.gate.specificity import FrozenBase, ReferenceStore
 from editing.model.loading import LoadedModel
 from ingest.polling import Poll
 from ingest.scheduling import schedule_sources, source_health
-from store import queries
+from ingest.trust import ProtectedFactsError
+from store import queries, trust
 from store.artefacts import ArtefactError
 from store.db import make_read_session_factory, make_session_factory, safe_url
 from store.lock import ModelLock
@@ -137,7 +139,13 @@ class Service:
     def _start_api(self) -> None:
         if not self.settings.api.enabled or self.view is None or self.metrics is None:
             return
-        self._server = HttpServer(create_app(self.settings.api, self.view, self.metrics), self.settings.api)
+        view = self.view
+
+        def answer(prompt: str) -> str:
+            return view.query(prompt, (), ANSWER_TOKENS).completion.strip()
+
+        review = ReviewDesk(view.sessions, answer, self.metrics)
+        self._server = HttpServer(create_app(self.settings.api, view, self.metrics, review), self.settings.api)
         self._server.start()
         log.info("api listening", url=self._server.url)
 
@@ -168,6 +176,7 @@ class Service:
             return
         self.metrics.observe_source_poll(source, ok=poll.failure is None, seconds=seconds, consecutive_failures=failures)
         tally = poll.tally
+        self.metrics.observe_held(source, tally.held)
         if tally.accepted or tally.duplicates or tally.rejections:
             self.metrics.observe_ingest(
                 source,
@@ -278,10 +287,17 @@ class Service:
             with self._read_sessions() as session:
                 summary = queries.status_summary(session)
                 health = source_health(session, self.settings.ingest)
+                queue = trust.queue_summary(session)
         except SQLAlchemyError as exc:
             log.warning("housekeeping: ledger not reachable", error=str(exc).splitlines()[0])
             return
         self.metrics.set_fact_counts(summary.by_status)
+        oldest = queue.oldest_held_since
+        self.metrics.set_review_queue(
+            by_reason=queue.by_reason,
+            by_source=queue.by_source,
+            oldest_age_seconds=(datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0,
+        )
         last = summary.last_commit
         self.metrics.set_model_state(version=summary.current_version, last_commit_at=last.created_at if last else None)
         for source in health:
@@ -333,9 +349,10 @@ class Service:
                 except StartupAborted:
                     log.info("stopped during start-up")
                     return 0
-                except (EditingError, ArtefactError) as exc:
+                except (EditingError, ArtefactError, ProtectedFactsError) as exc:
                     # The model state cannot be trusted (another model, a corrupt artefact, a hash that
-                    # does not match): refuse to serve rather than answer from unknown weights.
+                    # does not match), or the protected facts cannot be read: refuse to serve rather than
+                    # answer from unknown weights or edit without the operator's protected answers.
                     log.error("cannot start", error=str(exc), kind=type(exc).__name__)
                     return 1
                 while not self.should_exit.wait(timeout=0.5):

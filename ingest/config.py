@@ -82,10 +82,39 @@ class HttpConfig(BaseModel):
     )
 
 
-class SourceBase(BaseModel):
-    """Fields every polled source has."""
+PolicyName = Literal["auto", "review", "off"]
+
+
+class SourceTrust(BaseModel):
+    """How far a source is trusted (docs/trust.md): its policy, its rank and its limits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: PolicyName | None = Field(
+        None,
+        description="'auto': its valid facts are edited; 'review': they wait for a person's approval "
+        "(python -m daemon.ledger review); 'off': they are recorded as rejections, never edited. "
+        "Empty: 'review' for anything fetched from a URL, 'auto' for local files, the drop folder and the API.",
+    )
+    rank: int = Field(
+        0, ge=-1_000_000, le=1_000_000,
+        description="Trust rank: of two pending facts that disagree on a prompt, the one from the higher rank wins "
+        "and the other is held; equal ranks: the newer wins.",
+    )
+    max_facts_per_hour: int | None = Field(
+        None, ge=1, le=100_000_000,
+        description="Most facts from this source queued for editing in any hour; more are held and released "
+        "when under the limit again. Empty: no limit.",
+    )
+    max_pending: int | None = Field(
+        None, ge=1, le=100_000_000,
+        description="Most facts from this source pending or being edited at once; more are held and released "
+        "when under the limit again. Empty: no limit.",
+    )
+
+
+class SourceBase(SourceTrust):
+    """Fields every polled source has."""
 
     name: str = Field(
         ..., pattern=SOURCE_NAME_PATTERN, description="Unique name; recorded in the ledger as '<kind>:<name>'."
@@ -212,6 +241,25 @@ class IngestConfig(BaseModel):
     )
     unhealthy_after_failures: int = Field(
         3, ge=1, le=1000, description="Consecutive failed polls after which a source is reported unhealthy."
+    )
+    drop_folder_trust: SourceTrust = Field(
+        default_factory=SourceTrust,  # type: ignore[arg-type]
+        description="Trust of the drop folder (policy, rank, max_facts_per_hour, max_pending); policy 'auto' "
+        "unless set (docs/trust.md).",
+    )
+    api_trust: SourceTrust = Field(
+        default_factory=SourceTrust,  # type: ignore[arg-type]
+        description="Trust of POST /v1/facts (behind the write token); policy 'auto' unless set (docs/trust.md).",
+    )
+    cli_trust: SourceTrust = Field(
+        default_factory=SourceTrust,  # type: ignore[arg-type]
+        description="Trust of `python -m ingest FILE_OR_URL` imports; policy 'auto' unless set (docs/trust.md).",
+    )
+    protected_facts: Path | None = Field(
+        None,
+        description="JSONL file of protected facts, one {\"prompt\": ..., \"answer\": ...} a line: the gate rejects an "
+        "edit that changes the model's answer to one, and a new fact with a protected prompt waits for review "
+        "(docs/trust.md). Relative paths are relative to the working directory.",
     )
     limits: IngestLimits = Field(default_factory=IngestLimits, description="Input limits.")  # type: ignore[arg-type]
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP client.")  # type: ignore[arg-type]

@@ -37,6 +37,7 @@ from ingest.errors import DocumentError, UnsafePath
 from ingest.facts import Outcome, document_rejection, outcome_of
 from ingest.progress import dump_cursor, load_cursor
 from ingest.recording import Tally, record_outcomes
+from ingest.trust import trust_rules
 from store import intake
 from store.records import RejectionIn
 
@@ -208,6 +209,7 @@ class DropFolder:
         counts: dict[str, Any] = current if current.get("digest") == digest else {"digest": digest, "done": 0}
         already, seen = (None, 0) if digest in finished else (int(counts["done"]), 0)
         rejections: list[RejectionIn] = []
+        rules = trust_rules(self.config)
         for chunk, last in _chunks(outcomes, self.config.commit_every):
             rejections.extend(o for o in chunk if isinstance(o, RejectionIn))
             todo = [] if already is None else chunk[max(0, already - seen) :]
@@ -215,7 +217,7 @@ class DropFolder:
             if not todo:
                 continue
             with self.session_factory.begin() as session:
-                counts = _advance(counts, record_outcomes(session, todo), len(todo))
+                counts = _advance(counts, record_outcomes(session, todo, rules), len(todo))
                 self._save_cursor(session, counts, done=last)
             self.on_step("committed")
         if already is None:

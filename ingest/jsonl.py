@@ -22,6 +22,7 @@ from ingest.documents import jsonl_records
 from ingest.errors import DocumentError, FetchError
 from ingest.facts import to_outcomes
 from ingest.polling import Poll, SourceState, commit_poll, conditional_fetch, ledger_name, open_source, unchanged_poll
+from ingest.trust import polled_rules
 
 KIND = "jsonl"
 PREFIX_BYTES = 65536
@@ -102,7 +103,7 @@ def _record(
     outcomes = to_outcomes(records, source=state.name, location=source.location, limits=config.limits)
     end = offset + len(chunk)
     cursor = {"offset": end, "line": line + chunk.count(b"\n"), "prefix": _prefix_hash(head, end)}
-    return commit_poll(factory, state, outcomes, cursor=cursor, validators=validators)
+    return commit_poll(factory, state, outcomes, cursor=cursor, validators=validators, rules=polled_rules(config, state.name, source, fetched=source.is_url()))
 
 
 def _poll_url(source: JsonlSource, config: IngestConfig, factory: sessionmaker[Session], state: SourceState) -> Poll:

@@ -20,6 +20,7 @@ from ingest.fetch import Response, fetch
 from ingest.progress import dump_cursor, load_cursor
 from ingest.recording import Tally, record_outcomes
 from store import intake
+from store.trust import TrustRules
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,16 @@ def commit_poll(
     cursor: dict[str, Any] | None,
     validators: tuple[str | None, str | None] | None = None,
     failure: str | None = None,
+    rules: TrustRules | None = None,
 ) -> Poll:
-    """Store `outcomes`, the new `cursor` (None: unchanged), the (ETag, Last-Modified) `validators`
-    (None: unchanged) and the poll's outcome in one transaction."""
+    """Store `outcomes` under the trust `rules`, the new `cursor` (None: unchanged), the (ETag,
+    Last-Modified) `validators` (None: unchanged) and the poll's outcome in one transaction."""
     extra: dict[str, Any] = {}
     if cursor is not None:
         extra["cursor"] = dump_cursor(cursor)
     if validators is not None:
         extra["etag"], extra["last_modified"] = validators
     with factory.begin() as session:
-        tally = record_outcomes(session, outcomes)
+        tally = record_outcomes(session, outcomes, rules)
         intake.update_source_poll_state(session=session, name=state.name, ok=failure is None, error=failure, **extra)
     return Poll(tally=tally, failure=failure)

@@ -33,6 +33,7 @@ from ingest.facts import Accepted, Outcome, document_rejection, safe_reason, to_
 from ingest.fetch import Response
 from ingest.polling import Poll, SourceState, commit_poll, conditional_fetch, ledger_name, open_source, unchanged_poll
 from ingest.progress import remember
+from ingest.trust import polled_rules
 from store.records import Origin, RejectionIn
 
 KIND = "feed"
@@ -185,4 +186,4 @@ def _record_entries(
     cursor = {"seen": remember(seen, [key for key, _ in todo], keep)}
     finished = len(todo) == len(fresh)
     validators = (response.etag, response.last_modified) if finished else (None, None)
-    return commit_poll(factory, state, outcomes, cursor=cursor, validators=validators)
+    return commit_poll(factory, state, outcomes, cursor=cursor, validators=validators, rules=polled_rules(config, state.name, source, fetched=True))

@@ -19,6 +19,7 @@ from ingest.documents import json_records, safe_excerpt
 from ingest.errors import DocumentError
 from ingest.facts import Outcome, document_rejection, to_outcomes
 from ingest.polling import Poll, commit_poll, conditional_fetch, ledger_name, open_source, unchanged_poll
+from ingest.trust import polled_rules
 
 KIND = "web"
 
@@ -46,4 +47,5 @@ def poll(source: WebJsonSource, config: IngestConfig, session_factory: sessionma
     # Validators only once the body is fully stored, and never for a bad body (it must keep failing).
     validators = (response.etag, response.last_modified) if finished and failure is None else (None, None)
     cursor = {"digest": digest, "done": done + len(todo)}
-    return commit_poll(session_factory, state, todo, cursor=cursor, validators=validators, failure=failure)
+    rules = polled_rules(config, state.name, source, fetched=True)
+    return commit_poll(session_factory, state, todo, cursor=cursor, validators=validators, failure=failure, rules=rules)

@@ -12,6 +12,11 @@ Dedup and supersession (docs/ledger.md, "Dedup and conflicts"):
   normalised prompt is superseded by it: the newest statement about a prompt wins.
 - A committed fact with the same prompt and another target stays committed; the new fact links to
   it (`supersedes_id`), and `record_commit` marks it superseded once the new fact is committed.
+- With `rules` (`store.trust.TrustRules`), a new fact may be stored `held` instead of pending
+  (protected prompt, a source under review, a more trusted disagreeing fact, a source's limits), and
+  between pending facts of one prompt from different sources the higher trust rank wins: the other
+  is held (`conflict`); at equal ranks the newer one wins as above. Held facts supersede nothing.
+  See `store.trust` and docs/trust.md.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from sqlalchemy.orm import Session
 from store.bulk import bind_processor, insert_tuples, json_list_text, json_string, select_in, update_column
 from store.db import serialise_writers
 from store.errors import InvalidFact, LedgerError, UnknownSource
-from store.models import Base, Fact, FactStatus, Rejection, Source, utc_now
+from store.models import Base, Fact, FactStatus, HoldReason, Rejection, Source, utc_now
 from store.normalise import hash_normalised, normalise_text
 from store.records import AddResult, FactIn, Origin, RejectionIn
 from store.states import transition
+from store.trust import SourceLoad, TrustRules, conflict_note, source_loads, source_names
 
 #: Sources first seen in an `Origin` rather than through `ensure_source` get this kind.
 ADHOC_SOURCE_KIND = "adhoc"
@@ -156,6 +162,9 @@ _FACT_COLUMNS = (
     "attempts",
     "received_at",
     "status_changed_at",
+    "queued_at",
+    "hold_reason",
+    "last_error",
 )
 _ORIGIN_COLUMNS = ("fact_id", "source_id", "location", "position", "external_id", "observed_at", "received_at")
 
@@ -177,6 +186,13 @@ class _Plan:
     new_supersedes: dict[int, int] = field(default_factory=dict)
     superseded_by: dict[int, int] = field(default_factory=dict)
     keys: list[int] = field(default_factory=list)
+    #: pending facts a more trusted fact of their prompt outranked -> that fact (trust rules only)
+    conflict_held: dict[int, int] = field(default_factory=dict)
+
+    def hold_of(self, key: int) -> tuple[HoldReason, str] | None:
+        """How new fact `key` is stored held (reason, words), or None: pending."""
+        del key
+        return None
 
     def supersede_others(self, key: int, phash: str) -> None:
         status, by_hash, hash_of = self.status, self.by_hash, self.hash_of
@@ -227,11 +243,100 @@ class _Plan:
         return duplicates
 
 
-def add_facts(*, session: Session, items: Sequence[tuple[FactIn, Origin]]) -> AddResult:
+class _TrustPlan(_Plan):
+    """The plan under trust rules: new facts may be held, and ranks decide between pending facts of a prompt."""
+
+    def __init__(
+        self, rules: TrustRules, names: dict[int, str], loads: dict[int, SourceLoad], record_sources: list[int]
+    ) -> None:
+        super().__init__()
+        self.rules = rules
+        self.names = names
+        self.loads = loads
+        self.record_sources = record_sources
+        self.source_of: dict[int, int] = {}  #: fact key -> its first source id
+        self.holds: dict[int, tuple[HoldReason, str]] = {}  #: new fact key -> how it is held
+        self.outranked_by: dict[int, int] = {}  #: new fact key held on arrival -> the more trusted fact
+
+    def rank(self, key: int) -> int:
+        return self.rules.rule(self.names[self.source_of[key]]).rank
+
+    def hold_of(self, key: int) -> tuple[HoldReason, str] | None:
+        return self.holds.get(key)
+
+    def _arrival_hold(self, key: int, source_id: int, phash: str) -> tuple[HoldReason, str] | None:
+        rules, name = self.rules, self.names[source_id]
+        rule = rules.rule(name)
+        if phash in rules.protected:
+            return HoldReason.PROTECTED, f"held for review: its prompt is protected ({rules.protected[phash]})"
+        if rule.policy == "review":
+            return HoldReason.REVIEW, f"held for review: source {name} has policy review"
+        rank = rule.rank
+        for other in self.by_prompt.get(phash, ()):
+            if self.status[other] is FactStatus.PENDING and self.rank(other) > rank:
+                self.outranked_by[key] = other
+                return HoldReason.CONFLICT, ""  # the words name the other fact's id, known after the insert
+        return self.loads[source_id].limit_reason(rule)
+
+    def supersede_others(self, key: int, phash: str) -> None:
+        status, by_hash, hash_of = self.status, self.by_hash, self.hash_of
+        rank = self.rank(key)
+        kept = []
+        for other in self.by_prompt.get(phash, ()):
+            if other == key or status[other] is not FactStatus.PENDING or self.rank(other) > rank:
+                kept.append(other)
+            elif self.rank(other) == rank:
+                status[other] = FactStatus.SUPERSEDED
+                self.superseded_by[other] = key
+                if by_hash.get(hash_of[other]) == other:
+                    del by_hash[hash_of[other]]
+            else:
+                status[other] = FactStatus.HELD
+                self.conflict_held[other] = key
+        self.by_prompt[phash] = tuple(kept)
+
+    def place(self, prepared: Sequence[_Prepared]) -> int:
+        status, hash_of, by_hash, by_prompt = self.status, self.hash_of, self.by_hash, self.by_prompt
+        duplicates = 0
+        for index, record in enumerate(prepared):
+            chash, phash = record[6], record[7]
+            key = by_hash.get(chash)
+            if key is None:
+                key = -(len(self.new_rows) + 1)
+                source_id = self.record_sources[index]
+                self.new_rows.append(index)
+                hash_of[key], by_hash[chash], self.source_of[key] = chash, key, source_id
+                earlier = by_prompt.get(phash, ())
+                if earlier:
+                    self.new_supersedes[key] = earlier[-1]
+                hold = self._arrival_hold(key, source_id, phash)
+                if hold is not None:
+                    status[key] = FactStatus.HELD
+                    self.holds[key] = hold
+                else:
+                    status[key] = FactStatus.PENDING
+                    load = self.loads[source_id]
+                    load.queued_last_hour += 1
+                    load.pending += 1
+                    by_prompt[phash] = (*earlier, key)
+                    self.supersede_others(key, phash)
+            else:
+                duplicates += 1
+                if status[key] in _LIVE:
+                    self.supersede_others(key, phash)
+            self.keys.append(key)
+        return duplicates
+
+
+def add_facts(
+    *, session: Session, items: Sequence[tuple[FactIn, Origin]], rules: TrustRules | None = None
+) -> AddResult:
     """Store facts with their provenance, deduplicating and superseding as the module docstring says.
 
-    Raises InvalidFact (naming the origin) for a fact whose prompt or target is empty after
-    normalisation or whose `observed_at` is naive; nothing from the batch is written then.
+    With `rules`, new facts may be stored held and trust ranks decide between pending facts of a
+    prompt (`store.trust`); `AddResult.held` counts the new facts held. Raises InvalidFact (naming
+    the origin) for a fact whose prompt or target is empty after normalisation or whose
+    `observed_at` is naive; nothing from the batch is written then.
     """
     if not items:
         return AddResult(accepted=0, duplicates=0, superseded=0, fact_ids=())
@@ -239,19 +344,57 @@ def add_facts(*, session: Session, items: Sequence[tuple[FactIn, Origin]]) -> Ad
     prepared = [_prepare(fact, origin) for fact, origin in items]
     serialise_writers(session)  # so that dedup sees every earlier batch, on Postgres too
     source_ids = _source_ids(session, [origin for _, origin in items])
-    plan = _Plan()
-    _load_existing(session, plan, list({record[7] for record in prepared}))
+    plan: _Plan
+    if rules is None:
+        plan = _Plan()
+        _load_existing(session, plan, list({record[7] for record in prepared}))
+    else:
+        record_sources = [source_ids[origin.source] for _, origin in items]
+        names = source_names(session)
+        # Counting a source's load scans its facts: only for sources that have a limit.
+        limited = [sid for sid in set(record_sources) if rules.rule(names[sid]).has_limits()]
+        loads = {sid: SourceLoad() for sid in record_sources} | source_loads(session, limited, now)
+        plan = trust_plan = _TrustPlan(rules, names, loads, record_sources)
+        _load_existing(session, plan, list({record[7] for record in prepared}), trust_plan.source_of)
     duplicates = plan.place(prepared)
     shared = _Shared(session, items, source_ids, now)
     ids = _insert_new(session, plan, prepared, shared)
     fact_ids = [ids.get(key, key) for key in plan.keys]
     _insert_origins(session, fact_ids, shared)
     _supersede(session, {ids.get(older, older): ids.get(newer, newer) for older, newer in plan.superseded_by.items()})
+    held = 0
+    if isinstance(plan, _TrustPlan):
+        _hold_outranked(session, plan, ids)
+        held = len(plan.holds) + sum(1 for key in plan.conflict_held if key < 0)
     return AddResult(
         accepted=len(plan.new_rows),
         duplicates=duplicates,
         superseded=len(plan.superseded_by),
         fact_ids=tuple(fact_ids),
+        held=held,
+    )
+
+
+def _hold_outranked(session: Session, plan: _TrustPlan, ids: dict[int, int]) -> None:
+    """Write the words of arrival conflicts, and hold the pending facts a more trusted new fact outranked."""
+    for key, winner in plan.outranked_by.items():
+        note = _outranked_note(plan, winner, key, ids)
+        session.execute(
+            FACTS.update().where(FACTS.c.id == ids[key]).values(last_error=note),
+            execution_options={"synchronize_session": False},
+        )
+    for loser, winner in plan.conflict_held.items():
+        note = _outranked_note(plan, winner, loser, ids)
+        transition(
+            session=session, fact_ids=[ids.get(loser, loser)], to=FactStatus.HELD, error=note,
+            hold_reason=HoldReason.CONFLICT,
+        )
+
+
+def _outranked_note(plan: _TrustPlan, winner: int, loser: int, ids: dict[int, int]) -> str:
+    names = plan.names
+    return conflict_note(
+        ids.get(winner, winner), names[plan.source_of[winner]], plan.rank(winner), names[plan.source_of[loser]], plan.rank(loser)
     )
 
 
@@ -319,6 +462,13 @@ class _Shared:
             append((source_ids[origin.source], origin.location, origin.position, fact.external_id, observed))
         self.now = _to_driver(session, FACTS, "received_at", now)
         self.pending = _to_driver(session, FACTS, "status", FactStatus.PENDING)
+        self._session = session
+
+    def held(self, hold: tuple[HoldReason, str]) -> tuple[Any, ...]:
+        """The tail of a facts row stored held (see `_insert_new`); not queued, so no `queued_at`."""
+        status = _to_driver(self._session, FACTS, "status", FactStatus.HELD)
+        reason = _to_driver(self._session, FACTS, "hold_reason", hold[0])
+        return (status, 0, self.now, self.now, None, reason, hold[1] or None)
 
 
 def _to_driver(session: Session, table: Table, name: str, value: Any) -> Any:
@@ -340,11 +490,14 @@ def _source_ids(session: Session, origins: Sequence[Origin]) -> dict[str, int]:
     return found
 
 
-def _load_existing(session: Session, plan: _Plan, prompts: list[str]) -> None:
+def _load_existing(session: Session, plan: _Plan, prompts: list[str], source_of: dict[int, int] | None = None) -> None:
     # Equal content implies an equal prompt, so one lookup by prompt hash finds both the facts a
     # record may duplicate and the pending facts it may supersede.
-    found = select_in(session, FACTS, ("id", "content_hash", "prompt_hash", "status"), "prompt_hash", prompts)
-    for fid, chash, phash, status_text in sorted(found):
+    columns = ("id", "content_hash", "prompt_hash", "status", "source_id")
+    found = select_in(session, FACTS, columns if source_of is not None else columns[:4], "prompt_hash", prompts)
+    for fid, chash, phash, status_text, *source in sorted(found):
+        if source_of is not None:
+            source_of[fid] = source[0]
         status = FactStatus(status_text)
         if status is FactStatus.SUPERSEDED:
             continue
@@ -374,10 +527,12 @@ def _insert_new(session: Session, plan: _Plan, prepared: Sequence[_Prepared], sh
     new_ids = _allocate_ids(session, len(plan.new_rows))
     ids = dict(zip(range(-1, -len(new_ids) - 1, -1), new_ids, strict=True))
     links = {key: ids.get(earlier, earlier) for key, earlier in plan.new_supersedes.items()}  # supersedes_id
-    tail = (shared.pending, 0, shared.now, shared.now)  # status, attempts, received_at, status_changed_at
+    # status, attempts, received_at, status_changed_at, queued_at, hold_reason, last_error
+    tail = (shared.pending, 0, shared.now, shared.now, shared.now, None, None)
     origins = shared.origins
+    hold_of = plan.hold_of
     values = [
-        (*prepared[index], fid, links.get(key), *origins[index], *tail)
+        (*prepared[index], fid, links.get(key), *origins[index], *(tail if (hold := hold_of(key)) is None else shared.held(hold)))
         for key, index, fid in zip(ids, plan.new_rows, new_ids, strict=True)
     ]
     insert_tuples(session, FACTS, _FACT_COLUMNS, values)

@@ -4,7 +4,7 @@ Tables: `sources` (poll state and health), `facts` (normalised fact, status, sup
 that applied it), `fact_origins` (every arrival of a fact: provenance), `commits` (one row per
 committed edit, with everything needed to check and reproduce it), `commit_facts` (which facts each
 commit applied, kept even after a revert), `rejections` (input records that never became facts),
-`probe_runs`, `reverts` and `pauses` (the audit trail). Constraint names follow `NAMING_CONVENTION`,
+`probe_runs`, `reverts`, `pauses` and `reviews` (the audit trail). Constraint names follow `NAMING_CONVENTION`,
 so migrations can refer to them on every back-end.
 """
 
@@ -50,6 +50,25 @@ class FactStatus(enum.StrEnum):
     FAILED = "failed"  #: the edit loop gave up on it, `failure_cause` says why; requeue to try again
     REVERTED = "reverted"  #: was committed, then removed by a revert; requeue to re-apply
     SUPERSEDED = "superseded"  #: replaced by a newer target for the same prompt
+    HELD = "held"  #: waiting for review or for its source's limits (`hold_reason`); never edited while held
+
+
+class HoldReason(enum.StrEnum):
+    """Why a fact is held instead of pending (docs/trust.md); stored with a sentence in `last_error`."""
+
+    REVIEW = "review"  #: its source's policy is `review`: a person approves or rejects it
+    PROTECTED = "protected"  #: its prompt is one of the protected facts: a person decides
+    CONFLICT = "conflict"  #: a pending fact from a more trusted source disagrees on the same prompt
+    RATE_LIMIT = "rate_limit"  #: its source sent more than `max_facts_per_hour`; released when under again
+    PENDING_LIMIT = "pending_limit"  #: its source has `max_pending` facts waiting; released when under again
+
+
+class ReviewAction(enum.StrEnum):
+    """What a `reviews` row records."""
+
+    APPROVED = "approved"  #: a person approved a held fact: it went to pending
+    REJECTED = "rejected"  #: a person rejected a held fact
+    RELEASED = "released"  #: the daemon released a fact held by a limit, its source being under it again
 
 
 class FailureCause(enum.StrEnum):
@@ -141,6 +160,9 @@ def _values_of(enum_class: type[enum.StrEnum], name: str) -> Enum:
 
 _fact_status = _values_of(FactStatus, "fact_status")
 _failure_cause = _values_of(FailureCause, "failure_cause")
+_hold_reason = _values_of(HoldReason, "hold_reason")
+_review_action = _values_of(ReviewAction, "review_action")
+_review_hold_reason = _values_of(HoldReason, "hold_reason")  # one type object per table: each holds its CHECK
 
 
 class Fact(Base):
@@ -148,7 +170,9 @@ class Fact(Base):
 
     `source_id`, `origin_location` and `origin_position` describe the first arrival; every arrival,
     the first included, is a `FactOrigin` row. `last_error` says why its last try did not commit it
-    (rejected, failed, or sent back for another try) and `failure_cause` which check that was.
+    (rejected, failed, or sent back for another try) and `failure_cause` which check that was. A held
+    fact has its `hold_reason`, and `last_error` says it in words. `queued_at` is when it last entered
+    the edit queue from intake, an approval or a release (the per-source hourly limit counts these).
     """
 
     __tablename__ = "facts"
@@ -168,6 +192,8 @@ class Fact(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     failure_cause: Mapped[FailureCause | None] = mapped_column(_failure_cause)
+    hold_reason: Mapped[HoldReason | None] = mapped_column(_hold_reason)
+    queued_at: Mapped[datetime | None]
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))  # queries by source use fact_origins
     origin_location: Mapped[str] = mapped_column(Text)
     origin_position: Mapped[str | None] = mapped_column(Text)
@@ -288,6 +314,20 @@ class Pause(Base):
     config_hash: Mapped[str | None] = mapped_column(String(64))  # of the settings that shape an edit
     resumed_at: Mapped[datetime | None]
     resumed_by: Mapped[str | None] = mapped_column(Text)
+
+
+class Review(Base):
+    """The audit row of one decision on a held fact: approved, rejected (by whom, why) or released by the daemon."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), index=True)
+    action: Mapped[ReviewAction] = mapped_column(_review_action)
+    hold_reason: Mapped[HoldReason | None] = mapped_column(_review_hold_reason)  #: why the fact was held
+    reviewer: Mapped[str] = mapped_column(Text)  #: "cli:alice", "api:ops-bot", "daemon:limits"
+    reason: Mapped[str | None] = mapped_column(Text)
+    decided_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
 Index("ix_facts_status_id", Fact.status, Fact.id)

@@ -28,6 +28,7 @@ from store.models import (
     ProbeRun,
     Rejection,
     Revert,
+    Review,
     Source,
 )
 
@@ -99,6 +100,18 @@ class FactRow:
     received_at: datetime
     last_error: str | None  #: why its last try did not commit it
     failure_cause: str | None  #: which check that was (a `FailureCause`)
+    hold_reason: str | None = None  #: why it is held (a `HoldReason`), while it is
+
+
+@dataclass(frozen=True)
+class ReviewView:
+    """One decision on a held fact (the review audit trail)."""
+
+    action: str  #: approved, rejected or released
+    reviewer: str
+    reason: str | None
+    hold_reason: str | None  #: why the fact had been held
+    decided_at: datetime
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,8 @@ class FactView:
     commit_version: int | None
     commit_history: tuple[int, ...]  #: every commit that applied it, oldest first
     origins: tuple[OriginView, ...]  #: every arrival, oldest first
+    hold_reason: str | None = None  #: why it is held (a `HoldReason`), while it is
+    reviews: tuple[ReviewView, ...] = ()  #: every approval, rejection or release, oldest first
 
 
 def status_summary(session: Session) -> StatusSummary:
@@ -208,6 +223,7 @@ def fact_detail(session: Session, fact_id: int) -> FactView:
     history = session.scalars(
         select(CommitFact.commit_version).where(CommitFact.fact_id == fact_id).order_by(CommitFact.commit_version)
     )
+    reviews = session.scalars(select(Review).where(Review.fact_id == fact_id).order_by(Review.id))
     return FactView(
         id=fact.id,
         status=fact.status.value,
@@ -232,6 +248,13 @@ def fact_detail(session: Session, fact_id: int) -> FactView:
         origins=tuple(
             OriginView(name, o.location, o.position, o.external_id, o.observed_at, o.received_at) for o, name in origins
         ),
+        hold_reason=fact.hold_reason.value if fact.hold_reason else None,
+        reviews=tuple(
+            ReviewView(
+                r.action.value, r.reviewer, r.reason, r.hold_reason.value if r.hold_reason else None, r.decided_at
+            )
+            for r in reviews
+        ),
     )
 
 
@@ -241,13 +264,20 @@ def find_facts(
     """Facts in id order, optionally only one status and/or one source; raises UnknownSource."""
     query = (
         select(Fact.id, Fact.status, Fact.prompt, Fact.target_new, Source.name, Fact.attempts)
-        .add_columns(Fact.commit_version, Fact.received_at, Fact.last_error, Fact.failure_cause)
+        .add_columns(Fact.commit_version, Fact.received_at, Fact.last_error, Fact.failure_cause, Fact.hold_reason)
         .join(Source, Source.id == Fact.source_id)
         .order_by(Fact.id)
         .limit(limit)
     )
     query = _filtered(session, query, status, source)
-    return [FactRow(row[0], row[1].value, *row[2:]) for row in session.execute(query)]
+    rows = []
+    for row in session.execute(query):
+        fid, status, prompt, target, source, attempts, version, received, error, cause, held = row
+        rows.append(
+            FactRow(fid, status.value, prompt, target, source, attempts, version, received, error, cause,
+                    held.value if held else None)
+        )
+    return rows
 
 
 def pending_failure_causes(session: Session, limit: int) -> list[FailureCause | None]:

@@ -60,6 +60,7 @@ class AddResult:
     duplicates: int  #: records that matched an existing fact (provenance still recorded)
     superseded: int  #: older pending facts superseded by a newer target for the same prompt
     fact_ids: tuple[int, ...]  #: ids of the facts the records map to, in input order
+    held: int = 0  #: new facts stored held (review, protected, conflict, a source's limits; store.trust)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ Legal edges (docs/ledger.md draws them):
     superseded -> committed    revert: the fact that superseded it was reverted, its own commit stays
     superseded -> reverted     revert: its own commit was reverted after it had been superseded
     rejected | failed | reverted -> pending   explicit requeue only
+    pending    -> held         a pending fact from a more trusted source disagrees on the same prompt
+    held       -> pending      approved by a reviewer, or released by the daemon when its source is under its limits
+    held       -> rejected     rejected by a reviewer (last_error says who and why)
+
+Facts enter `held` at intake too (docs/trust.md), as a new row rather than a status change.
 
 Everything else raises IllegalTransition and changes nothing.
 """
@@ -26,7 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from store.errors import IllegalTransition, LedgerError, UnknownFact
-from store.models import Fact, FactStatus, FailureCause, utc_now
+from store.models import Fact, FactStatus, FailureCause, HoldReason, utc_now
 
 S = FactStatus
 
@@ -45,6 +50,9 @@ LEGAL_TRANSITIONS: frozenset[tuple[FactStatus, FactStatus]] = frozenset(
         (S.REJECTED, S.PENDING),
         (S.FAILED, S.PENDING),
         (S.REVERTED, S.PENDING),
+        (S.PENDING, S.HELD),
+        (S.HELD, S.PENDING),
+        (S.HELD, S.REJECTED),
     }
 )
 
@@ -72,13 +80,16 @@ def transition(
     superseded_by: int | None = None,
     commit_version: int | None = None,
     failure_cause: FailureCause | None = None,
+    hold_reason: HoldReason | None = None,
 ) -> int:
     """Move every fact in `fact_ids` to status `to`; all or none. Returns the number of facts moved.
 
     Side effects by target: `editing` counts an attempt; `rejected`/`failed` store `error` as
     `last_error` (required); `superseded` records `superseded_by` (required); `committed` from
     `editing` records `commit_version` (required), and from `superseded` clears `superseded_by`;
-    `pending` clears `commit_version` (commit_facts keeps the history). Wherever `error` is stored,
+    `pending` clears `commit_version` (commit_facts keeps the history); `held` stores `hold_reason`
+    (required) and `error` as `last_error` (required); leaving `held` clears `hold_reason`, and going
+    from `held` to `pending` stamps `queued_at` and clears `last_error`. Wherever `error` is stored,
     `failure_cause` is stored with it (None when not given), so the two always describe the same try.
     Raises UnknownFact for an id not in the ledger and IllegalTransition (naming each fact and its
     current status) if any move is not in LEGAL_TRANSITIONS. Rows are locked (FOR UPDATE on
@@ -88,7 +99,7 @@ def transition(
     ids = list(dict.fromkeys(fact_ids))
     if not ids:
         return 0
-    _check_arguments(to, error, superseded_by, commit_version)
+    _check_arguments(to, error, superseded_by, commit_version, hold_reason)
     current = _lock_statuses(session, ids)
     illegal = [f"fact {fid} is {current[fid].value}" for fid in ids if not is_legal(current[fid], to)]
     if illegal:
@@ -98,9 +109,7 @@ def transition(
     for fid in ids:
         by_origin.setdefault(current[fid], []).append(fid)
     for origin, group in by_origin.items():
-        values = _side_effects(origin, to, error, superseded_by, commit_version)
-        if "last_error" in values:
-            values["failure_cause"] = failure_cause
+        values = _values(origin, to, error, superseded_by, commit_version, failure_cause, hold_reason)
         for part in chunks(group):
             session.execute(
                 update(Fact).where(Fact.id.in_(part)).values(status=to, status_changed_at=utc_now(), **values),
@@ -110,7 +119,67 @@ def transition(
     return len(ids)
 
 
-def _check_arguments(to: FactStatus, error: str | None, superseded_by: int | None, commit_version: int | None) -> None:
+def transition_if(
+    *,
+    session: Session,
+    fact_ids: Sequence[int],
+    current: FactStatus,
+    to: FactStatus,
+    error: str | None = None,
+) -> list[int]:
+    """Move those of `fact_ids` that are still in status `current` to `to`; returns the ids moved, in order.
+
+    The conditional form of `transition` for decisions two people may take at once (two reviewers
+    approving the same facts): one `UPDATE ... WHERE status = current` per chunk, so on every back-end a
+    fact is moved by exactly one of several concurrent callers and the others skip it (Postgres
+    re-checks the condition after waiting for the other's row lock). The same side effects as
+    `transition`; raises IllegalTransition when `current -> to` is not a legal edge. Does not commit.
+    """
+    if not is_legal(current, to):
+        raise IllegalTransition(f"cannot move facts from {current.value} to {to.value} (see docs/ledger.md, 'State machine')")
+    _check_arguments(to, error, None, None, None)
+    values = _values(current, to, error, None, None, None, None)
+    moved: list[int] = []
+    for part in chunks(list(dict.fromkeys(fact_ids))):
+        result = session.execute(
+            update(Fact)
+            .where(Fact.id.in_(part), Fact.status == current)
+            .values(status=to, status_changed_at=utc_now(), **values)
+            .returning(Fact.id),
+            execution_options={"synchronize_session": False},
+        )
+        moved.extend(int(fid) for fid in result.scalars())
+    _refresh_loaded(session, moved)
+    order = {fid: index for index, fid in enumerate(fact_ids)}
+    return sorted(moved, key=order.__getitem__)
+
+
+def _values(
+    origin: FactStatus,
+    to: FactStatus,
+    error: str | None,
+    superseded_by: int | None,
+    commit_version: int | None,
+    failure_cause: FailureCause | None,
+    hold_reason: HoldReason | None,
+) -> dict[str, Any]:
+    values = _side_effects(origin, to, error, superseded_by, commit_version)
+    if "last_error" in values:
+        values["failure_cause"] = failure_cause
+    if to is S.HELD:
+        values["hold_reason"] = hold_reason
+    elif origin is S.HELD:
+        values["hold_reason"] = None
+        if to is S.PENDING:
+            values |= {"queued_at": utc_now(), "last_error": None, "failure_cause": None}
+    return values
+
+
+def _check_arguments(
+    to: FactStatus, error: str | None, superseded_by: int | None, commit_version: int | None, hold_reason: HoldReason | None
+) -> None:
+    if to is S.HELD and (hold_reason is None or not error):
+        raise LedgerError("moving facts to held needs a hold_reason and an error message saying why")
     if to in (S.REJECTED, S.FAILED) and not error:
         raise LedgerError(f"moving facts to {to.value} needs an error message saying why")
     if to is S.SUPERSEDED and superseded_by is None:
@@ -143,7 +212,7 @@ def _side_effects(
         # A requeued fact is no longer applied by any commit; commit_facts keeps the history. A fact the
         # gate sends back for another try keeps the reason (`error`) in last_error.
         return {"commit_version": None} | ({"last_error": error} if error else {})
-    if to in (S.REJECTED, S.FAILED):
+    if to in (S.REJECTED, S.FAILED, S.HELD):
         return {"last_error": error}
     if to is S.SUPERSEDED:
         return {"superseded_by_id": superseded_by}

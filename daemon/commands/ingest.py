@@ -35,6 +35,7 @@ def summary(tally: Tally) -> dict[str, Any]:
     """The summary printed by the command (the --json form)."""
     return {
         "accepted": tally.accepted,
+        "held": tally.held,
         "duplicates": tally.duplicates,
         "rejected": tally.rejected,
         "errors": [
@@ -50,6 +51,8 @@ def summary(tally: Tally) -> dict[str, Any]:
 def format_summary(tally: Tally) -> str:
     """The human-readable summary: counts, then one line per rejection."""
     lines = [f"accepted: {tally.accepted}", f"duplicates: {tally.duplicates}", f"rejected: {tally.rejected}"]
+    if tally.held:  # accepted, but waiting in the review queue or for the source's limits (docs/trust.md)
+        lines.insert(1, f"held: {tally.held} (see python -m daemon.ledger review)")
     for r in tally.rejections:
         where = r.origin.location + (f" {r.origin.position}" if r.origin.position else "")
         lines.append(f"  {where}: {r.reason}")

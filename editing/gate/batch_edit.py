@@ -112,6 +112,9 @@ class GatedEditor:
             frozen = self._frozen_layers()
             masters = self.state.masters()
             saved = snapshot(model, names)
+            # the model's answers on the protected facts before the batch: what every try must keep
+            before = self.checker.protected_answers(model, tokenizer)
+            protected = (self.checker.protected, before) if self.checker.protected and before is not None else None
 
             def try_batch(subset: Sequence[GateFact]) -> BatchMeasurement:
                 if should_stop is not None and should_stop():
@@ -150,7 +153,7 @@ class GatedEditor:
                 return measured
 
             try:
-                verdict = self.gate.decide(facts, try_batch, pre_batch=pre_batch or measure_pre_batch)
+                verdict = self.gate.decide(facts, try_batch, pre_batch=pre_batch or measure_pre_batch, protected=protected)
             finally:
                 restore(model, saved)
         committed = verdict.committed

@@ -24,6 +24,11 @@ batch measured once (lazily, on the same prompts) and the try compared with it (
 3. Facts whose efficacy is below the threshold leave the batch: retried later (up to
    `efficacy_retries` times), then failed. The remaining facts are re-edited and re-checked (back to 2).
 
+Protected facts (`editing.gate.protected`): with a `ProtectedCheck`, every try also records the model's
+answers on the protected facts, and a try that changes one fails like a harmful one, before the
+specificity budgets are looked at; isolation rejects the single fact that changes one, with the reason
+naming the protected fact (`PROTECTED_REASON`).
+
 Invariant: when the verdict commits any facts, the last `try_batch` call was with exactly those facts in
 input order, so an editor that leaves its last try applied holds the state to commit, and
 `verdict.final` is its measurement. Every outcome carries its reason and the measured numbers, and
@@ -43,6 +48,7 @@ from torch import nn
 from editing.data import EditExample
 from editing.gate.config import GateConfig
 from editing.gate.frozen_layers import FrozenLayers
+from editing.gate.protected import Answers, ProtectedCheck, no_grad_answers
 from editing.gate.specificity import (
     ReferenceStore,
     SpecificityCheck,
@@ -54,6 +60,8 @@ from editing.model.scoring import answer_scores
 
 FactKey = int | str
 Status = Literal["committed", "rejected", "retry", "failed", "deferred"]
+#: How the reason of a fact rejected for changing a protected fact begins.
+PROTECTED_REASON = "changes the model's answer to a protected fact"
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,8 @@ class BatchMeasurement:
     marginal: SpecificityResult | None = None  #: against the model before the batch, when it was needed
     #: the live model's next-token log-probabilities on the specificity prompts (not recorded)
     logprobs: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: the model's answers on the protected facts (`editing.gate.protected`), when it has any
+    protected: Answers | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -106,15 +116,25 @@ MeasurePreBatch = Callable[[], BatchMeasurement]
 class BatchChecker:
     """Measures efficacy and specificity of the live model for one edit batch."""
 
-    def __init__(self, config: GateConfig, specificity: SpecificityCheck) -> None:
+    def __init__(self, config: GateConfig, specificity: SpecificityCheck, protected: ProtectedCheck | None = None) -> None:
         self.config = config
         self.specificity = specificity
+        #: the protected facts every try is checked against (None or empty: none)
+        self.protected = protected
 
     @classmethod
-    def from_config(cls, config: GateConfig, references: ReferenceStore) -> BatchChecker:
-        """A checker on the first `specificity_prompts` standing prompts."""
+    def from_config(
+        cls, config: GateConfig, references: ReferenceStore, protected: ProtectedCheck | None = None
+    ) -> BatchChecker:
+        """A checker on the first `specificity_prompts` standing prompts (and the protected facts, if any)."""
         standing = standing_prompts()[: config.specificity_prompts]
-        return cls(config, SpecificityCheck(references, standing, config.batch_size))
+        return cls(config, SpecificityCheck(references, standing, config.batch_size), protected)
+
+    def protected_answers(self, model: nn.Module, tokenizer: Any) -> Answers | None:
+        """The model's answers on the protected facts now (None without any)."""
+        if not self.protected:
+            return None
+        return no_grad_answers(self.protected, model, tokenizer)
 
     def measure(
         self,
@@ -141,8 +161,10 @@ class BatchChecker:
             efficacy = {f.key: float(a) for f, a in zip(facts, accuracy.tolist(), strict=True)}
         extra = extra_prompts if self.config.use_locality_prompts else ()
         spec, live = self.specificity.measure_live(model, tokenizer, extra, frozen=frozen)
+        protected = self.protected_answers(model, tokenizer) if facts else None
         return BatchMeasurement(
-            tuple(f.key for f in facts), efficacy, spec, time.perf_counter() - started, logprobs=live
+            tuple(f.key for f in facts), efficacy, spec, time.perf_counter() - started, logprobs=live,
+            protected=protected,
         )
 
 
@@ -177,6 +199,7 @@ class GateVerdict:
     seconds: float  #: wall time of the whole decision, edits included
     measure_seconds: float  #: time spent measuring, summed over all tries
     blocked: str | None = None  #: set when the model before the batch already fails specificity
+    protected_checked: int = 0  #: protected facts checked on every try (0: none configured)
 
     @property
     def committed(self) -> tuple[FactKey, ...]:
@@ -191,6 +214,7 @@ class GateVerdict:
             "seconds": self.seconds,
             "measure_seconds": self.measure_seconds,
             "blocked": self.blocked,
+            "protected_checked": self.protected_checked,
         }
 
 
@@ -228,8 +252,15 @@ class _BudgetExhausted(Exception):
 class _Decision:
     """The state of one `Gate.decide` call: tries made, outcomes so far, the last try."""
 
-    def __init__(self, gate: Gate, try_batch: TryBatch, measure_pre: MeasurePreBatch | None = None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        try_batch: TryBatch,
+        measure_pre: MeasurePreBatch | None = None,
+        protected: tuple[ProtectedCheck, Answers] | None = None,
+    ) -> None:
         self.gate = gate
+        self.protected = protected  #: the check and the model's answers before the batch
         self.try_batch = try_batch
         self.measure_pre = measure_pre
         self.pre: BatchMeasurement | None = None
@@ -270,13 +301,29 @@ class _Decision:
         self.pre = measurement
         return measurement
 
+    def protected_failure(self, measured: BatchMeasurement) -> str | None:
+        """Why a try changed a protected fact's answer (naming at most three), or None."""
+        if self.protected is None or measured.protected is None:
+            return None
+        check, before = self.protected
+        changed = check.changed(before, measured.protected)
+        if not changed:
+            return None
+        named = "; ".join(fact.label for fact in changed[:3])
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return f"{PROTECTED_REASON}: {named}{more}"
+
     def judge(self, measured: BatchMeasurement) -> tuple[BatchMeasurement, str | None]:
         """Why a try fails specificity (None: it passes), and the try with its marginal numbers if measured.
 
-        The cumulative budget is checked against the base. The per-batch budget is checked against the
-        base first; only when that fails is the try compared with the model before the batch.
+        A changed protected fact fails it first. The cumulative budget is checked against the base. The
+        per-batch budget is checked against the base first; only when that fails is the try compared
+        with the model before the batch.
         """
         gate = self.gate
+        protected = self.protected_failure(measured)
+        if protected is not None:
+            return measured, protected
         failure = gate.specificity_failure(measured.specificity)
         if failure is not None or not measured.facts:
             return measured, failure
@@ -312,6 +359,10 @@ class _Decision:
         if failure is None:
             return facts
         if len(facts) == 1:
+            protected = self.protected_failure(measured)
+            if protected is not None:
+                self.settle(facts[0], "rejected", protected, _numbers(measured, facts[0].key))
+                return []
             measured, own = self.own_harm(measured)
             if own is None:
                 # its own change is within the per-batch budget: the cumulative budget has no room left,
@@ -376,18 +427,20 @@ class Gate:
         try_batch: TryBatch,
         *,
         pre_batch: BatchMeasurement | MeasurePreBatch | None = None,
+        protected: tuple[ProtectedCheck, Answers] | None = None,
     ) -> GateVerdict:
         """Run the gate on one batch.
 
         `pre_batch` is the measurement of the state before the batch, if known, or a function that
         measures it and leaves the weights of the last try in place (without one, the gate measures it
         with an empty try when it needs it, and re-tries the committed facts last if that was the
-        last try). Measurements in the verdict carry no log-probabilities.
+        last try). `protected` is the protected-facts check with the model's answers before the batch.
+        Measurements in the verdict carry no log-probabilities.
         """
         if len({f.key for f in facts}) != len(facts):
             raise ValueError("facts in one batch must have distinct keys")
         started = time.perf_counter()
-        run = _Decision(self, try_batch, pre_batch if callable(pre_batch) else None)
+        run = _Decision(self, try_batch, pre_batch if callable(pre_batch) else None, protected)
         if isinstance(pre_batch, BatchMeasurement):
             run.pre = pre_batch
         candidates, final, blocked = list(facts), None, None
@@ -473,4 +526,5 @@ class Gate:
             time.perf_counter() - started,
             run.measure_seconds,
             blocked,
+            len(run.protected[0]) if run.protected is not None else 0,
         )

@@ -95,6 +95,15 @@ def populate(metrics: Metrics, round_no: int, state: ServiceState) -> None:
     state.set_editor(EditorState.READY)
     state.set_drift(GateDrift(version=round_no, agreement=0.9, mean_kl=0.4 * round_no))
     metrics.set_model_info(model_type="llama", fingerprint="ab" * 32)
+    metrics.set_review_queue(
+        by_reason={"review": 3 * round_no, "rate_limit": 1},
+        by_source={"feed:wire": {"review": 3 * round_no}, "inbox": {"rate_limit": 1}},
+        oldest_age_seconds=600.0 * round_no,
+    )
+    metrics.observe_held("feed:wire", 3 * round_no)
+    metrics.observe_released("inbox", round_no)
+    metrics.observe_review("approved", round_no)
+    metrics.observe_protected(facts=2, checked=2 * round_no, violations=round_no)
 
 
 def traffic(base_url: str) -> None:

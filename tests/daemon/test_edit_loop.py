@@ -95,9 +95,10 @@ def make_rig(
     gate: GateConfig = PASS_ALL,
     edit_loop: EditLoopConfig | None = None,
     stop: threading.Event | None = None,
+    editor: EditorConfig = EDITOR,
 ) -> Rig:
     settings = world.settings.model_copy(
-        update={"gate": gate, "editor": EDITOR, "edit_loop": edit_loop or EditLoopConfig(min_batch=1, max_wait_seconds=0)}
+        update={"gate": gate, "editor": editor, "edit_loop": edit_loop or EditLoopConfig(min_batch=1, max_wait_seconds=0)}
     )
     loaded = world.load()
     names = list(settings.model.edit_modules or [])
@@ -509,3 +510,74 @@ def test_the_gate_drift_of_the_live_version_is_exported_between_probe_runs(world
     assert make_rig(world).metric("ked_gate_base_mean_kl_nats") == run.scores["mean_kl"]  # read back at a restart
     rig.view.request_revert(to_version=0, last=None, reason="test", requested_by="api:test")
     assert (rig.metric("ked_gate_base_agreement_ratio"), rig.metric("ked_gate_base_mean_kl_nats")) == (1.0, 0.0)
+
+
+# --- trust: protected facts in the gate, and facts released from a source's limits (docs/trust.md) ---
+
+
+#: An edit strong enough to move the edited prompt's own answer on the random tiny model (0.05 does not),
+#: and weak enough that edits of unrelated prompts leave it (found by trying 0.05 to 5).
+STRONG_EDIT_LR = 0.5
+
+
+def _protected_world(world: World, path: Any, lines: str) -> World:
+    path.write_text(lines)
+    ingest = world.settings.ingest.model_copy(update={"protected_facts": path})
+    return World(world.root, world.settings.model_copy(update={"ingest": ingest}), world.engine, world.sessions)
+
+
+def test_a_fact_that_changes_a_protected_answer_is_rejected_and_the_answer_survives(world: World, tmp_path: Any) -> None:
+    from editing.gate.checks import PROTECTED_REASON
+
+    protected = _protected_world(
+        world, tmp_path / "protected.jsonl", '{"prompt": "The capital of country 0 is", "answer": "Rome"}\n'
+    )
+    # a strong edit, so that the culprit's edit certainly moves its own prompt's answer on the tiny model
+    strong = EDITOR.model_copy(update={"edit_lr": STRONG_EDIT_LR})
+    rig = make_rig(protected, edit_loop=EditLoopConfig(min_batch=1, max_wait_seconds=0), editor=strong)
+    check = rig.loop.gated.checker.protected if rig.loop.gated else None
+    assert check is not None and len(check) == 1
+    loaded = rig.loop.loaded
+    before = check.answers(loaded.model, loaded.tokenizer)
+    culprit, *others = rig.add(1)  # the culprit edits the protected prompt itself ("Paris 0")
+    with world.sessions.begin() as session:
+        items = [
+            (FactIn(prompt=prompt, target_new=target), Origin("test", "facts.jsonl", prompt))
+            for prompt, target in (("Lionel Messi plays the sport of", "tennis"), ("Bananas are coloured", "blue"))
+        ]
+        others = list(intake.add_facts(session=session, items=items).fact_ids)
+    rig.loop.tick()
+    statuses = rig.statuses()
+    with world.sessions() as session:
+        reason = session.get(Fact, culprit).last_error or ""  # type: ignore[union-attr]
+    assert statuses[culprit] == "rejected"
+    assert reason.startswith(PROTECTED_REASON) and f"'The capital of country 0 is' -> 'Rome', {tmp_path}" in reason
+    assert check.answers(loaded.model, loaded.tokenizer) == before  # the live model still answers as before
+    assert rig.metric("ked_protected_fact_violations_total") == 1
+    assert rig.metric("ked_protected_fact_checks_total") >= 1 and rig.metric("ked_protected_facts") == 1
+    assert [statuses[fid] for fid in others] == ["committed", "committed"]  # bisection kept the innocent facts
+
+
+def test_a_malformed_protected_facts_file_stops_the_loop_from_starting(world: World, tmp_path: Any) -> None:
+    from ingest.trust import ProtectedFactsError
+
+    bad = _protected_world(world, tmp_path / "protected.jsonl", '{"prompt": "x", "answer": "y"}\n{"prompt": 1}\n')
+    with pytest.raises(ProtectedFactsError, match=f"protected facts file {tmp_path / 'protected.jsonl'} line 2"):
+        make_rig(bad)
+
+
+def test_facts_held_by_a_limit_are_released_by_the_loop(world: World) -> None:
+    from ingest.config import JsonlSource
+    from ingest.trust import trust_rules
+
+    source = JsonlSource(name="bulk", location="bulk.jsonl", max_pending=2)
+    ingest = world.settings.ingest.model_copy(update={"jsonl": (source,)})
+    limited = World(world.root, world.settings.model_copy(update={"ingest": ingest}), world.engine, world.sessions)
+    rig = make_rig(limited, edit_loop=EditLoopConfig(min_batch=1, max_wait_seconds=0))
+    with world.sessions.begin() as session:
+        items = [(FactIn(prompt=f"Bulk fact {i} is", target_new=f"x{i}"), Origin("jsonl:bulk", "bulk.jsonl", str(i))) for i in range(4)]
+        ids = list(intake.add_facts(session=session, items=items, rules=trust_rules(ingest)).fact_ids)
+    assert [rig.statuses()[fid] for fid in ids] == ["pending", "pending", "held", "held"]
+    rig.loop.tick()  # the first two commit, the loop releases the others and edits them too
+    assert {rig.statuses()[fid] for fid in ids} == {"committed"}
+    assert rig.metric("ked_facts_released_total", {"source": "jsonl:bulk"}) == 2

@@ -437,3 +437,80 @@ def test_read_commands_do_not_wait_for_a_writer(cli: Run, seeded: Any, monkeypat
         code, out, _ = cli("status", "--json")
         assert code == EXIT_OK and json.loads(out)["by_status"]["editing"] == 0
         writer.rollback()
+
+
+# --- the review queue (docs/trust.md) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def held(db_url: str) -> Iterator[Callable[[], Session]]:  # noqa: F811
+    """Three facts held for review from feed:wire (two from one URL), one pending from the inbox."""
+    from store.trust import Policy, SourceRule, TrustRules
+
+    rules = TrustRules(sources={"feed:wire": SourceRule(policy=Policy.REVIEW)})
+    engine = make_engine(db_url)
+    factory = make_session_factory(engine)
+    with factory() as session, session.begin():
+        items = [
+            (FactIn(prompt="The CEO of Acme is", target_new="John Doe"), Origin("feed:wire", "https://w/a.rss", "entry 1")),
+            (FactIn(prompt="Paris is in", target_new="Texas"), Origin("feed:wire", "https://w/a.rss", "entry 2")),
+            (FactIn(prompt="Oslo is in", target_new="Sweden"), Origin("feed:wire", "https://w/b.rss", "entry 1")),
+            (FactIn(prompt="Rome is in", target_new="Italy"), Origin("inbox", "x.jsonl", "line 1")),
+        ]
+        intake.add_facts(session=session, items=items, rules=rules)
+    yield factory
+    engine.dispose()
+
+
+def test_review_lists_waiting_facts_with_source_and_origin(cli: Run, held: Callable[[], Session]) -> None:
+    code, out, _ = cli("review")
+    assert code == EXIT_OK
+    assert "feed:wire: https://w/a.rss entry 1" in out and "proposed John Doe" in out
+    assert "held for review: source feed:wire has policy review" in out
+    assert "3 fact(s) shown; 3 held in all" in out and "Rome" not in out
+    code, out, _ = cli("review", "--origin", "https://w/b.rss", "--json")
+    assert code == EXIT_OK
+    listed = json.loads(out)
+    assert [h["prompt"] for h in listed["held"]] == ["Oslo is in"] and listed["queue"]["held"] == 3
+
+
+def test_review_answers_say_why_when_the_daemon_is_not_running(cli: Run, held: Callable[[], Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KED_API__PORT", "9")  # nothing listens there
+    code, out, _ = cli("review", "--answers")
+    assert code == EXIT_OK
+    assert "no model answers: the daemon's API at http://127.0.0.1:9/v1/query does not answer" in out
+
+
+def test_approve_and_reject_with_the_audit_trail_in_show(cli: Run, held: Callable[[], Session]) -> None:
+    code, out, _ = cli("approve", "1", "--reason", "checked the filing", "--by", "alice")
+    assert (code, out) == (EXIT_OK, "approved 1 fact(s): 1\n")
+    code, out, _ = cli("reject", "--origin", "https://w/a.rss", "--reason", "hoax")
+    assert code == EXIT_OK and out.startswith("rejected 1 fact(s): 2")
+    code, out, _ = cli("show", "1")
+    assert "status             pending" in out
+    assert "review             approved by alice at" in out and "(held for review): checked the filing" in out
+    code, out, _ = cli("show", "2")
+    assert "status             rejected" in out and "review             rejected by cli:" in out and ": hoax" in out
+    code, out, _ = cli("approve", "--source", "feed:wire", "--json")
+    assert code == EXIT_OK and json.loads(out)["decided"] == [3]
+    with held() as session:
+        assert [f.status for f in session.scalars(select(Fact).order_by(Fact.id))] == [
+            FactStatus.PENDING, FactStatus.REJECTED, FactStatus.PENDING, FactStatus.PENDING,
+        ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (("approve", "99"), EXIT_REFUSED, "no fact with id 99 in the ledger"),
+        (("approve", "4"), EXIT_REFUSED, "only held facts can be approved or rejected: fact 4 is pending"),
+        (("reject", "--origin", "https://nowhere"), EXIT_REFUSED, "no held fact matches origin 'https://nowhere'"),
+        (("approve", "--source", "ghost"), EXIT_REFUSED, "no source named 'ghost'"),
+        (("approve",), EXIT_USAGE, "name the facts"),
+    ],
+)
+def test_bad_review_input_is_refused(cli: Run, held: Callable[[], Session], argv: tuple[str, ...], code: int, message: str) -> None:
+    got, _, err = cli(*argv)
+    assert got == code and message in err
+    with held() as session:
+        assert sum(1 for f in session.scalars(select(Fact)) if f.status is FactStatus.HELD) == 3

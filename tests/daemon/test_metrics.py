@@ -239,3 +239,28 @@ def test_exposition_negotiates_openmetrics(fresh_metrics: Metrics) -> None:
     assert body.rstrip().endswith(b"# EOF")
     body, content_type = fresh_metrics.exposition(None)
     assert content_type.startswith("text/plain")
+
+
+def test_trust_review_queue_limits_and_protected_facts(fresh_metrics: Metrics) -> None:
+    def value(name: str, **labels: str) -> float | None:
+        return fresh_metrics.registry.get_sample_value(name, labels)
+
+    fresh_metrics.set_review_queue(
+        by_reason={"review": 4, "rate_limit": 0}, by_source={"feed:wire": {"review": 4}}, oldest_age_seconds=90.0
+    )
+    assert value("ked_review_queue_facts", reason="review") == 4
+    assert value("ked_review_queue_oldest_age_seconds") == 90.0
+    assert value("ked_source_facts_held", source="feed:wire", reason="review") == 4
+    fresh_metrics.set_review_queue(by_reason={"review": 0}, by_source={}, oldest_age_seconds=-5.0)
+    assert value("ked_source_facts_held", source="feed:wire", reason="review") is None  # a drained source goes
+    assert value("ked_review_queue_oldest_age_seconds") == 0.0
+    fresh_metrics.observe_held("feed:wire", 3)
+    fresh_metrics.observe_released("jsonl:bulk", 2)
+    fresh_metrics.observe_review("approved", 5)
+    fresh_metrics.observe_review("bogus", 1)
+    fresh_metrics.observe_protected(facts=7, checked=7, violations=1)
+    assert value("ked_facts_held_total", source="feed:wire") == 3
+    assert value("ked_facts_released_total", source="jsonl:bulk") == 2
+    assert value("ked_reviews_total", action="approved") == 5 and value("ked_reviews_total", action="other") == 1
+    assert (value("ked_protected_facts"), value("ked_protected_fact_checks_total")) == (7, 7)
+    assert value("ked_protected_fact_violations_total") == 1

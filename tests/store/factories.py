@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from store import commits, intake, states
-from store.models import Fact, FactStatus
+from store.models import Fact, FactStatus, HoldReason
 from store.records import CommitIn, FactIn, Origin
 
 
@@ -44,10 +44,11 @@ def make_fact_in(session: Session, status: FactStatus, prompt: str = "p") -> int
         FactStatus.EDITING: [FactStatus.EDITING],
         FactStatus.REJECTED: [FactStatus.EDITING, FactStatus.REJECTED],
         FactStatus.FAILED: [FactStatus.EDITING, FactStatus.FAILED],
+        FactStatus.HELD: [FactStatus.HELD],
     }
     if status in path:
         for step in path[status]:
-            states.transition(session=session, fact_ids=[fid], to=step, error="x")
+            states.transition(session=session, fact_ids=[fid], to=step, error="x", hold_reason=HoldReason.CONFLICT)
         return fid
     commit(session, fid)
     if status is FactStatus.REVERTED:

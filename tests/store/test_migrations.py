@@ -113,3 +113,32 @@ def test_failure_causes_are_read_from_the_errors_of_existing_facts(empty_engine:
     assert causes == {1: "error", 2: "efficacy", 3: "specificity", 4: "specificity", 5: "efficacy", 6: None, 7: None}
     with pytest.raises(IntegrityError), empty_engine.begin() as connection:  # the column takes the three causes only
         connection.execute(text("UPDATE facts SET failure_cause = 'gremlins' WHERE id = 1"))
+
+
+def test_0004_adds_held_facts_and_its_downgrade_puts_them_back_to_pending(empty_engine: Engine) -> None:
+    upgrade_to_head(empty_engine)
+    now = datetime.now(UTC)
+    with empty_engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO sources (id, name, kind, location, consecutive_failures, created_at) VALUES (1, 's', 'k', 'l', 0, :t)"),
+            {"t": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO facts (id, prompt, target_new, rephrase_prompts, locality, content_hash, prompt_hash, status, "
+                "attempts, source_id, origin_location, received_at, status_changed_at, hold_reason) "
+                "VALUES (1, 'p', 't', '[]', '[]', 'c', 'h', 'held', 0, 1, 'l', :t, :t, 'review')"
+            ),
+            {"t": now},
+        )
+        connection.execute(
+            text("INSERT INTO reviews (fact_id, action, reviewer, decided_at) VALUES (1, 'approved', 'r', :t)"), {"t": now}
+        )
+    downgrade_to(empty_engine, "0003")
+    with empty_engine.connect() as connection:
+        assert connection.execute(text("SELECT status FROM facts")).scalar_one() == "pending"
+    assert "reviews" not in _ledger_tables(empty_engine)
+    with pytest.raises(IntegrityError), empty_engine.begin() as connection:
+        connection.execute(text("UPDATE facts SET status = 'held'"))
+    upgrade_to_head(empty_engine)
+    assert _differences(empty_engine) == []

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from store import states
 from store.errors import IllegalTransition, LedgerError, UnknownFact
-from store.models import Fact, FactStatus, FailureCause
+from store.models import Fact, FactStatus, FailureCause, HoldReason
 from store.states import LEGAL_TRANSITIONS, is_legal
 from tests.store.factories import add, commit, fact, make_fact_in, status_of
 
@@ -27,6 +27,9 @@ EXPECTED_EDGES = {
     (S.REJECTED, S.PENDING),
     (S.FAILED, S.PENDING),
     (S.REVERTED, S.PENDING),
+    (S.PENDING, S.HELD),
+    (S.HELD, S.PENDING),
+    (S.HELD, S.REJECTED),
 }
 
 
@@ -50,6 +53,7 @@ def test_every_edge_from(session: Session, current: FactStatus) -> None:
             "error": "why",
             "superseded_by": newer,
             "commit_version": version,
+            "hold_reason": HoldReason.REVIEW,
         }
         if (current, target) in EXPECTED_EDGES:
             assert states.transition(**call) == 1  # type: ignore[arg-type]
