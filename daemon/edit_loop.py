@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.model_state import RevertReport, apply_pending_reverts, commit_refs, revert_model
+from daemon.publishing import Publisher
 from daemon.service_state import (
     BASE_MODEL_DRIFT,
     BatchOutcome,
@@ -160,6 +161,7 @@ class EditLoop:
         self.history = history
         self.loaded = loaded
         self.references = references
+        self.publisher: Publisher | None = None  # set by the service when [publish] is enabled
         self.metrics = metrics
         self.state = state
         self.stop = stop
@@ -563,7 +565,10 @@ class EditLoop:
         self._consolidate()
 
     def _after_version_change(self) -> None:
-        """Report the ledger's current version: its commit time, and the gate's drift of it from the base model."""
+        """Report the ledger's current version: its commit time, and the gate's drift of it from the base model;
+        queue it for publishing (`[publish]`)."""
+        if self.publisher is not None:
+            self.publisher.version_changed()  # returns at once, never raises
         with self.sessions() as session:
             version = commits.current_version(session)
             last = session.get(Commit, version) if version else None

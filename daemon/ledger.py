@@ -25,8 +25,9 @@ held, or a filter that matches nothing, is refused (exit 1).
 `revert` is exact: with the daemon stopped it takes the model lock, rebuilds the target version from
 the artefacts, checks its weights hash and records the revert (`daemon.model_state.revert_model`);
 with the daemon running (it holds the lock) it checks the target, records the revert as a request
-and waits until the daemon has restored the weights. `export-model` needs the model lock, so the
-daemon must be stopped. See docs/ledger.md, "Revert" and "Export a model".
+and waits until the daemon has restored the weights. `export-model` takes no lock: it rebuilds the
+version read-only in its own process, so it runs while the daemon runs. See docs/ledger.md, "Revert"
+and "Export a model".
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import IO, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.bootstrap import LedgerMissing, command_parser, command_settings, load_model, open_ledger, open_model_state
+from daemon.commands.export_model import add_export_model_arguments
 from daemon.config import Settings
 from daemon.review import answers_from_daemon, with_answers
 from store import commits as store_commits
@@ -53,9 +55,9 @@ from store import pauses as store_pauses
 from store import trust as store_trust
 from store import work as store_work
 from store.db import make_read_session_factory, make_session_factory, serialise_writers
-from store.errors import LedgerError, LedgerUnavailable, UnknownVersion
+from store.errors import LedgerError, LedgerUnavailable
 from store.lock import ModelInUse, ModelLock
-from store.models import Commit, FactStatus, HoldReason, Pause, Revert
+from store.models import FactStatus, HoldReason, Pause, Revert
 from store.queries import (
     commit_detail,
     export_facts,
@@ -77,7 +79,6 @@ _SHOW_ARGUMENT = re.compile(r"^(?:(?P<fact>\d+)|v(?P<version>\d+))$")
 #: The purpose the running daemon names when it takes the model lock (daemon/service.py).
 DAEMON_PURPOSE = "daemon"
 OFFLINE_REVERT_PURPOSE = "offline revert"
-EXPORT_PURPOSE = "export-model"
 #: How long `revert` waits by default for the running daemon to restore the weights, and how often it looks.
 DEFAULT_WAIT_SECONDS = 300.0
 POLL_SECONDS = 0.5
@@ -143,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"with the daemon running: how long to wait for it to restore the weights (default {DEFAULT_WAIT_SECONDS:g})",
     )
     export_model = commands.add_parser(
-        "export-model", parents=[common], help="write the model at a version as a Hugging Face directory"
+        "export-model",
+        parents=[common],
+        help="the model at a version as a Hugging Face directory or a PEFT adapter (the daemon may run)",
     )
-    export_model.add_argument("--version", type=_version, default=None, help="version to export (default: current)")
-    export_model.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new or empty directory")
+    add_export_model_arguments(export_model)
     return parser
 
 
@@ -598,65 +600,10 @@ def _check_rebuildable(settings: Settings, session: Session, version: int, actio
 
 
 def cmd_export_model(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
-    """Write the model at `--version` (default: current) as a plain Hugging Face directory; needs the model lock."""
-    out_dir: Path = args.out_dir
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UsageError(f"{out_dir} exists and is not an empty directory; choose a new directory")
-    lock = ModelLock(context.settings.state_dir, EXPORT_PURPOSE)
-    try:
-        lock.acquire()
-    except ModelInUse:
-        holder = lock.holder() or {}
-        raise Refused(
-            f"the model of {context.settings.state_dir} is held by {holder.get('purpose', 'another process')} "
-            f"(pid {holder.get('pid', '?')}); export-model needs the model itself: stop the daemon first "
-            "(its HTTP API does not export models), or wait for the other command to finish"
-        ) from None
-    try:
-        return _export_model(context, args, out)
-    finally:
-        lock.release()
+    """Export without the model lock: rebuilt read-only from the base model and the artefacts."""
+    from daemon.commands.export_model import run_export_model
 
-
-def _export_model(context: ModelContext, args: argparse.Namespace, out: IO[str]) -> int:
-    from daemon.model_state import commit_refs
-    from editing.state.export import export_model
-
-    began = time.perf_counter()
-    settings = context.settings
-    with context.read_sessions() as session:
-        version = store_commits.current_version(session) if args.version is None else args.version
-        if version != 0 and session.get(Commit, version) is None:
-            raise UnknownVersion(
-                f"no commit with version {version} in the ledger; see `python -m daemon.ledger log` (0 is the base model)"
-            )
-        _check_rebuildable(settings, session, version, "export")
-    loaded = load_model(settings)
-    history = open_model_state(settings, loaded, context.sessions)
-    staged = None
-    if version != history.state.version:
-        # Another version than the live one: rebuilt and hash-checked, never published.
-        with context.read_sessions() as session:
-            refs = commit_refs(session)
-        staged, _, _ = history.stage_version(version, refs)
-    info = export_model(loaded, history.state, out_dir=args.out_dir, staged=staged)
-    seconds = time.perf_counter() - began
-    result = {
-        "version": info.version,
-        "out_dir": str(info.out_dir),
-        "weights_sha256": info.weights_sha256,
-        "tensors": info.tensors,
-        "seconds": round(seconds, 3),
-    }
-    if args.json:
-        _print_json(out, result)
-    else:
-        out.write(
-            f"exported v{info.version} (weights sha256 {info.weights_sha256[:16]}…, {info.tensors} tensors) "
-            f"to {info.out_dir} in {seconds:.1f} s\n"
-        )
-    return EXIT_OK
-
+    return run_export_model(context.settings, context.read_sessions, args, out)
 
 
 MODEL_COMMANDS: dict[str, ModelCommand] = {"revert": cmd_revert, "export-model": cmd_export_model}

@@ -25,11 +25,12 @@ from datetime import datetime
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from daemon.config import MetricsConfig
 from daemon.process_memory import ProcessMemoryCollector
+from daemon.publishing import PublishStats
 from daemon.rejection_codes import reason_code
 from daemon.service_state import BatchOutcome, BatchPhase, EditorState, RevertOutcome, ServiceState
 from store.models import ProbeKind
@@ -54,6 +55,32 @@ def _bounded(value: str, allowed: tuple[str, ...], what: str) -> str:
         return value
     log.warning("unknown metric label value counted as 'other'", kind=what, value=value[:80], allowed=list(allowed))
     return "other"
+
+
+class PublishCollector(Collector):
+    """The publisher's counters (`[publish]`), read at scrape time; the target label is the configured name."""
+
+    def __init__(self, stats: Callable[[], PublishStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        yield CounterMetricFamily("ked_publish_versions", "Versions published for serving engines (reused ones included).", value=s.published)
+        yield CounterMetricFamily("ked_publish_reused_versions", "Published versions already on disk (a revert back).", value=s.reused)
+        yield CounterMetricFamily("ked_publish_failures", "Versions that could not be written to the publish directory.", value=s.failures)
+        yield CounterMetricFamily("ked_publish_skipped_versions", "Versions skipped because a newer one was waiting.", value=s.skipped)
+        posts = CounterMetricFamily("ked_publish_posts", "POSTs to serving engines, by configured target name.", labels=["target"])
+        failed = CounterMetricFamily("ked_publish_post_failures", "Failed POSTs to serving engines (each try), by target.", labels=["target"])
+        for name, n in s.posts.items():
+            posts.add_metric([name], n)
+        for name, n in s.post_failures.items():
+            failed.add_metric([name], n)
+        yield posts
+        yield failed
+        last = -1 if s.last_version is None else s.last_version
+        yield GaugeMetricFamily("ked_publish_last_version", "Ledger version published last (-1: none yet).", value=last)
+        if s.last_seconds is not None:
+            yield GaugeMetricFamily("ked_publish_last_seconds", "Seconds the last publish took to write.", value=s.last_seconds)
 
 
 class Metrics:
@@ -296,6 +323,10 @@ class Metrics:
         self.reverts.labels(_bounded(outcome, REVERT_OUTCOMES, "revert outcome")).inc()
         if outcome == RevertOutcome.DONE:
             self.revert_duration.observe(max(seconds, 0.0))
+
+    def watch_publisher(self, stats: Callable[[], PublishStats]) -> None:
+        """Expose the publisher's counters (`ked_publish_*`) from now on."""
+        self.registry.register(PublishCollector(stats))
 
     def set_model_info(self, *, model_type: str, fingerprint: str) -> None:
         """Describe the loaded model (fingerprint shortened to 16 characters)."""

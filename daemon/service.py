@@ -44,6 +44,7 @@ from daemon.http_server import HttpServer
 from daemon.ledger_view import LedgerView
 from daemon.metrics import Metrics
 from daemon.model_state import edited_modules
+from daemon.publishing import Publisher
 from daemon.review import ANSWER_TOKENS, ReviewDesk
 from daemon.service_state import EditorState, ServiceState
 from daemon.view import DaemonView
@@ -90,6 +91,7 @@ class Service:
     _lock: ModelLock | None = None
     _read_sessions: Any = None
     edit_loop: EditLoop | None = None
+    publisher: Publisher | None = None
     _trainer: threading.Thread | None = None
 
     # --- start-up ---------------------------------------------------------------------------------
@@ -199,6 +201,11 @@ class Service:
         self.edit_loop = EditLoop(
             settings, self.view.sessions, history, loaded, references, self.metrics, self.state, self.should_exit
         )
+        if settings.publish.enabled:
+            self.publisher = Publisher(settings.publish, loaded, history.state)
+            self.edit_loop.publisher = self.publisher
+            self.metrics.watch_publisher(self.publisher.stats)
+            self.publisher.start()  # publishes the recovered version once
         self.view.weights = history.state
         self.view.model = loaded
         self.view.reverter = self.edit_loop.revert
@@ -383,6 +390,9 @@ class Service:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
         self._wait_for_writer()
+        if self.publisher is not None:
+            self.publisher.stop()
+            self.publisher = None
         if self._server is not None:
             self._server.stop()
             self._server = None

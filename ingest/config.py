@@ -253,7 +253,8 @@ class IngestConfig(BaseModel):
     )
     cli_trust: SourceTrust = Field(
         default_factory=SourceTrust,  # type: ignore[arg-type]
-        description="Trust of `python -m ingest FILE_OR_URL` imports; policy 'auto' unless set (docs/trust.md).",
+        description="Trust of `python -m ingest FILE_OR_URL` imports; unless set, policy 'auto' for files and "
+        "'review' for http(s) URLs (docs/trust.md).",
     )
     protected_facts: Path | None = Field(
         None,

@@ -20,7 +20,7 @@ from ingest.errors import DocumentError, FetchError
 from ingest.facts import Outcome, document_rejection, to_outcomes
 from ingest.fetch import fetch
 from ingest.recording import Tally, record_outcomes
-from ingest.trust import trust_rules
+from ingest.trust import polled_rules
 from store import intake
 
 #: Ledger source name of facts imported once from the command line.
@@ -69,7 +69,8 @@ def outcomes_of(item: str, config: IngestConfig) -> tuple[list[Outcome], bool]:
 def import_inputs(items: Sequence[str], config: IngestConfig, factory: sessionmaker[Session]) -> tuple[Tally, bool]:
     """Import every input, committing every `commit_every` records. Returns the tally and whether all were read."""
     tally, all_read = Tally(), True
-    rules = trust_rules(config)
+    # an imported URL is a fetched source: it waits for review unless [ingest.cli_trust] sets a policy
+    rules = {fetched: polled_rules(config, SOURCE_NAME, config.cli_trust, fetched=fetched) for fetched in (False, True)}
     with factory.begin() as session:
         intake.ensure_source(session=session, name=SOURCE_NAME, kind="cli", location="python -m ingest")
     for item in items:
@@ -77,5 +78,5 @@ def import_inputs(items: Sequence[str], config: IngestConfig, factory: sessionma
         all_read = all_read and was_read
         for start in range(0, len(outcomes), config.commit_every):
             with factory.begin() as session:
-                tally.add(record_outcomes(session, outcomes[start : start + config.commit_every], rules))
+                tally.add(record_outcomes(session, outcomes[start : start + config.commit_every], rules[is_url(item)]))
     return tally, all_read

@@ -11,14 +11,18 @@ With the unedited model's `locality.ModelReference`, the locality measures (docs
 at the same points, and `measure_null_edit` measures them after a null edit: the zero edit, or a method's
 self edit.
 
-Invariant: the model's weights and the method's editor state are the same after `run_stream` (and
-`measure_null_edit`) as before, even when it raises.
+A routed method (`PreparedMethod.router`) is edited and measured as it would serve: inside
+`editing.engine.mentions.mention_routed`, each batch's mention keys stored before it is edited (`served`).
+
+Invariant: the model's weights, the method's editor state and its router's keys are the same after
+`run_stream` (and `measure_null_edit`) as before, even when it raises.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -28,6 +32,8 @@ from tqdm import tqdm
 
 from editing.data import EditExample
 from editing.engine.deltas import EditPlan, Snapshot, apply, master_copies, restore, snapshot
+from editing.engine.mentions import mention_keys, mention_routed
+from editing.engine.routing import base_weights
 from editing.evaluation.locality import ModelReference, measure_model, pool_rows, row_locality
 from editing.evaluation.methods import PreparedMethod
 from editing.evaluation.scores import BatchScores, DataKind, pool, score_batch
@@ -115,6 +121,45 @@ def _mean_of(measures: Sequence[dict[str, float]]) -> dict[str, float]:
     return {name: sum(m[name] for m in measures) / len(measures) for name in names if all(name in m for m in measures)}
 
 
+class Serving:
+    """What `served` yields: `remember(batch)` makes a batch's edits reachable, `forget()` undoes the last one."""
+
+    def __init__(self, method: PreparedMethod, model: nn.Module, tokenizer: object) -> None:
+        self.method, self.model, self.tokenizer = method, model, tokenizer
+        self.added = 0
+
+    def remember(self, batch: Sequence[EditExample]) -> None:
+        router = self.method.router
+        if router is not None:
+            router.keys.add(mention_keys(self.model, self.tokenizer, router, [f.prompt for f in batch], [f.subject for f in batch]))
+            self.added += 1
+
+    def forget(self) -> None:
+        if self.method.router is not None and self.added:
+            self.method.router.keys.pop()
+            self.added -= 1
+
+
+@contextmanager
+def served(method: PreparedMethod, model: nn.Module, tokenizer: object) -> Iterator[Serving]:
+    """The model as `method` serves it.
+
+    Unrouted methods: the plain model; `remember` and `forget` do nothing. Routed methods: the model routed by
+    mentions, with the current weights of the edited modules as the base (enter it on the unedited model);
+    a remembered batch's mention keys act from the next forward on. Keys stored here are removed on exit.
+    """
+    serving = Serving(method, model, tokenizer)
+    if method.router is None:
+        yield serving
+        return
+    try:
+        with mention_routed(model, base_weights(model, method.module_names), method.router):
+            yield serving
+    finally:
+        while serving.added:
+            serving.forget()
+
+
 def run_stream(
     method: PreparedMethod,
     model: nn.Module,
@@ -146,31 +191,34 @@ def run_stream(
     per_batch: list[BatchScores] = []
     whole: list[dict[str, float]] = []  # the whole-model measures of each batch (batch mode) or of the final model
     try:
-        for k, batch in enumerate(tqdm(batches, desc=label or method.spec.name, disable=not progress)):
-            began, cpu = time.perf_counter(), time.process_time()
-            plan = method.editor.propose(batch, masters)
-            apply(model, plan, masters)
-            method.adopt(plan)
-            result.edit_seconds += time.perf_counter() - began
-            result.edit_cpu_seconds += time.process_time() - cpu
-            result.edited_facts += len(batch)
-            result.edit_losses.append(plan.steps[0].edit_loss if plan.steps else float("nan"))
-            last = k + 1 == len(batches)
-            if mode == "batch":
-                per_batch += measure.batches([batch], baseline.references[k : k + 1])
-                whole.append(measure.whole(probes=False))
-                restore(model, saved)
-                masters = master_copies(model, names)
-                method.load_state(state)
-            elif curve_every and ((k + 1) % curve_every == 0 or last):
-                so_far = measure.batches(batches[: k + 1], baseline.references)
-                point = measure.whole(probes=last)
-                result.curve.append((k + 1, pool(so_far) | point))
-                if last:
-                    per_batch, whole = so_far, [point]
-        if mode == "sequential" and not per_batch:
-            per_batch = measure.batches(batches, baseline.references)
-            whole = [measure.whole(probes=True)]
+        with served(method, model, tokenizer) as serving:
+            for k, batch in enumerate(tqdm(batches, desc=label or method.spec.name, disable=not progress)):
+                began, cpu = time.perf_counter(), time.process_time()
+                serving.remember(batch)
+                plan = method.editor.propose(batch, masters)
+                apply(model, plan, masters)
+                method.adopt(plan)
+                result.edit_seconds += time.perf_counter() - began
+                result.edit_cpu_seconds += time.process_time() - cpu
+                result.edited_facts += len(batch)
+                result.edit_losses.append(plan.steps[0].edit_loss if plan.steps else float("nan"))
+                last = k + 1 == len(batches)
+                if mode == "batch":
+                    per_batch += measure.batches([batch], baseline.references[k : k + 1])
+                    whole.append(measure.whole(probes=False))
+                    restore(model, saved)
+                    masters = master_copies(model, names)
+                    method.load_state(state)
+                    serving.forget()  # batch mode: each batch alone on the unedited model
+                elif curve_every and ((k + 1) % curve_every == 0 or last):
+                    so_far = measure.batches(batches[: k + 1], baseline.references)
+                    point = measure.whole(probes=last)
+                    result.curve.append((k + 1, pool(so_far) | point))
+                    if last:
+                        per_batch, whole = so_far, [point]
+            if mode == "sequential" and not per_batch:
+                per_batch = measure.batches(batches, baseline.references)
+                whole = [measure.whole(probes=True)]
     finally:
         restore(model, saved)
         method.load_state(state)
@@ -208,16 +256,19 @@ def measure_null_edit(
     saved, masters = snapshot(model, names), master_copies(model, names)
     state = method.state() if method is not None else {}
     try:
-        if method is None:
-            plan = EditPlan({name: torch.zeros_like(weight) for name, weight in masters.items()})
-        else:
-            plan = method.editor.propose(list(reference.self_batch), masters)
-        apply(model, plan, masters)
-        rows = [
-            row_locality(model, tokenizer, batch, saved, counterfact=kind == "counterfact", batch_size=eval_batch_size)
-            for batch in batches[: reference.options.null_batches]
-        ]
-        return pool_rows(rows) | measure_model(model, tokenizer, reference, batch_size=eval_batch_size)
+        with served(method, model, tokenizer) if method is not None else nullcontext() as serving:
+            if method is None:
+                plan = EditPlan({name: torch.zeros_like(weight) for name, weight in masters.items()})
+            else:
+                assert serving is not None
+                serving.remember(reference.self_batch)
+                plan = method.editor.propose(list(reference.self_batch), masters)
+            apply(model, plan, masters)
+            rows = [
+                row_locality(model, tokenizer, batch, saved, counterfact=kind == "counterfact", batch_size=eval_batch_size)
+                for batch in batches[: reference.options.null_batches]
+            ]
+            return pool_rows(rows) | measure_model(model, tokenizer, reference, batch_size=eval_batch_size)
     finally:
         restore(model, saved)
         if method is not None:

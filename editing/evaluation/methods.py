@@ -52,6 +52,8 @@ from editing.engine.checkpoint import (
 )
 from editing.engine.deltas import EditPlan
 from editing.engine.emsedit import EMSEditor
+from editing.engine.key_covariance import reference_texts
+from editing.engine.mentions import MentionSettings, Router, build_router
 from editing.engine.training import TrainingOptions, meta_train
 from editing.errors import CheckpointError
 from editing.evaluation.baselines.ft import FTConfig, FTEditor
@@ -75,6 +77,8 @@ class MethodSpec:
     editor: EditorConfig = field(default_factory=EditorConfig)
     training: TrainingOptions | None = None
     ft: FTConfig | None = None
+    routing: MentionSettings | None = None  # edits act only from a mention of an edited fact (engine/mentions.py)
+    shares_editor_with: str | None = None  # the entry whose trained editor this one uses (same settings)
 
     def settings(self) -> dict[str, Any]:
         """Everything that defines the method, JSON-ready (for reports and checkpoint reuse)."""
@@ -84,6 +88,8 @@ class MethodSpec:
             return out
         out["editor"] = self.editor.model_dump(mode="json", exclude=_NOT_SETTINGS)
         out["training"] = asdict(self.training) if self.training else None
+        if self.routing is not None:
+            out["routing"] = asdict(self.routing)
         return out
 
 
@@ -122,6 +128,11 @@ def _registry() -> dict[str, MethodSpec]:
             EditorConfig(steps=2, preserve_edits=1.0), _ALL,
         ),
         MethodSpec(
+            "emsedit2-mem-routed", "hypernet",
+            "EMSEdit, S=2, edit memory, and mention routing: an edit acts only from a mention of an edited fact on",
+            EditorConfig(steps=2, preserve_edits=1.0), _ALL, routing=MentionSettings(), shares_editor_with="emsedit2-mem",
+        ),
+        MethodSpec(
             "emsedit2-mem-cov", "hypernet", "EMSEdit, S=2, edit memory and key covariance (preserve_edits 1, key_covariance 100)",
             EditorConfig(steps=2, preserve_edits=1.0, key_covariance=100.0), _ALL,
         ),
@@ -153,7 +164,7 @@ def daemon_default_method() -> str | None:
     sized = ("n_batches", "batch_size", "seed")  # the daemon sizes its training itself
 
     def is_default(spec: MethodSpec) -> bool:
-        if spec.family != "hypernet" or spec.training is None:
+        if spec.family != "hypernet" or spec.training is None or spec.routing is not None:
             return False
         training = asdict(spec.training)
         same_schedule = all(training[k] == v for k, v in schedule.items() if k not in sized)
@@ -242,6 +253,7 @@ class PreparedMethod:
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0
     source: str = "untrained"  # "untrained", "trained", "reused <dir>" or "checkpoint <dir>"
+    router: Router | None = None  # with `spec.routing`: the mention router, without keys
 
     def state(self) -> dict[str, torch.Tensor]:
         """The editor state an edit changes (normaliser statistics; empty for FT)."""
@@ -276,7 +288,9 @@ def _editor(spec: MethodSpec, handle: ModelHandle, names: list[str], config: Edi
 
 
 def _training_key(spec: MethodSpec, train_hash: str, seed: int) -> str:
-    blob = json.dumps({"settings": spec.settings(), "data": train_hash, "seed": seed}, sort_keys=True)
+    # routing does not change what is trained: a routed method reuses its unrouted twin's editor
+    settings = {k: v for k, v in spec.settings().items() if k != "routing"}
+    blob = json.dumps({"settings": settings, "data": train_hash, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -314,6 +328,35 @@ def prepare(
 
     Training-free methods ignore the training facts. A newly trained editor is saved to `editors_dir`
     (when given) under a name that encodes its settings, training facts and seed, so a later run reuses it.
+    A routed method also gets its router, its statistics measured on the training facts' texts on the
+    model as it is now (call this on the unedited model); ValueError without training facts.
+    """
+    if spec.routing is not None and not train_examples:
+        raise ValueError(f"method {spec.name!r} routes by mentions: its router needs the training facts (--train-data)")
+    prepared = _prepare_editor(
+        spec, handle, module_names, train_examples, seed=seed, checkpoint=checkpoint, editors_dir=editors_dir, progress=progress
+    )
+    if spec.routing is not None:
+        texts = reference_texts(train_examples, limit=spec.routing.bank_texts)
+        prepared.router = build_router(handle.model, handle.tokenizer, module_names, texts, spec.routing)
+    return prepared
+
+
+def _prepare_editor(
+    spec: MethodSpec,
+    handle: ModelHandle,
+    module_names: list[str],
+    train_examples: Sequence[EditExample],
+    *,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    editors_dir: Path | None = None,
+    progress: bool = False,
+) -> PreparedMethod:
+    """Build `spec`'s editor: load `checkpoint`, reuse a matching editor in `editors_dir`, or meta-train it.
+
+    Training-free methods ignore the training facts. A newly trained editor is saved to `editors_dir`
+    (when given) under a name that encodes its settings, training facts and seed, so a later run reuses it.
     """
     if spec.family == "ft":
         return PreparedMethod(spec, FTEditor(handle.model, handle.tokenizer, module_names, spec.ft), module_names)
@@ -333,7 +376,8 @@ def prepare(
     if not train_examples:
         raise ValueError(f"method {spec.name!r} needs training facts (--train-data) or a --checkpoint")
     train_hash = examples_hash(train_examples)
-    target = editors_dir / f"{spec.name}-{_training_key(spec, train_hash, seed)}" if editors_dir else None
+    name = spec.shares_editor_with or spec.name
+    target = editors_dir / f"{name}-{_training_key(spec, train_hash, seed)}" if editors_dir else None
     if target is not None and target.is_dir():
         training = _load(editor, target, handle)
         logger.info("%s: reusing the trained editor in %s", spec.name, target)

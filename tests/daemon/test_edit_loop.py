@@ -10,6 +10,7 @@ A second `make_rig` on the same world is a restart of the daemon.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -581,3 +582,31 @@ def test_facts_held_by_a_limit_are_released_by_the_loop(world: World) -> None:
     rig.loop.tick()  # the first two commit, the loop releases the others and edits them too
     assert {rig.statuses()[fid] for fid in ids} == {"committed"}
     assert rig.metric("ked_facts_released_total", {"source": "jsonl:bulk"}) == 2
+
+
+def test_every_commit_and_revert_publishes_the_version_it_leaves_live(world: World, tmp_path: Any) -> None:
+    import json as json_module
+
+    from daemon.publishing import PublishConfig, Publisher
+
+    rig = make_rig(world)
+    publisher = Publisher(PublishConfig(enabled=True, directory=tmp_path / "published", format="hf"), rig.loop.loaded, rig.loop.history.state)
+    rig.loop.publisher = publisher
+    rig.metrics.watch_publisher(publisher.stats)
+    publisher.start()  # publishes the live version (0) once
+    try:
+        rig.add(2)
+        rig.loop.tick()
+        rig.add(2, start=30)
+        rig.loop.tick()
+        rig.view.request_revert(to_version=None, last=1, reason="bad facts", requested_by="api:test")
+        deadline = time.monotonic() + 120
+        while publisher.stats().last_version != 1 or publisher.stats().published < 4:
+            assert time.monotonic() < deadline, publisher.stats()
+            time.sleep(0.2)
+    finally:
+        publisher.stop()
+    current = json_module.loads((tmp_path / "published" / "current.json").read_text())
+    assert current["version"] == 1 and current["weights_sha256"] == world.recorded_hash(1)
+    assert (tmp_path / "published" / "current").resolve().name == "v1"
+    assert rig.metric("ked_publish_last_version") == 1 and rig.metric("ked_publish_failures") == 0

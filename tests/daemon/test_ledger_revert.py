@@ -351,13 +351,12 @@ def test_export_model_of_a_reverted_version_rebuilds_it_from_its_artefacts(
     assert world.current_version() == 1  # the ledger and the live version stay where the revert put them
 
 
-def test_export_model_is_refused_while_the_daemon_holds_the_model(world: World, cli: Run, tmp_path: Path) -> None:
+def test_export_model_runs_while_the_daemon_holds_the_model(world: World, cli: Run, tmp_path: Path) -> None:
     committed(world, 1)
     with Daemon(world, apply=False):
-        code, out, err = cli("export-model", str(tmp_path / "out"))
-    assert (code, out) == (EXIT_REFUSED, "")
-    assert "held by daemon" in err and "stop the daemon first (its HTTP API does not export models)" in err
-    assert not (tmp_path / "out").exists()
+        code, out, err = cli("export-model", "--json", str(tmp_path / "out"))
+    assert code == EXIT_OK, err
+    assert json.loads(out)["weights_sha256"] == world.recorded_hash(1)
 
 
 def test_export_model_refusals(worlds: Callable[..., World], cli: Run, tmp_path: Path) -> None:

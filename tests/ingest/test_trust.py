@@ -113,3 +113,21 @@ def test_malformed_protected_facts_file_names_the_file_and_line(tmp_path: Path, 
 def test_missing_protected_facts_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ProtectedFactsError, match=f"protected facts file {tmp_path / 'nope.jsonl'}: cannot read"):
         load_protected(tmp_path / "nope.jsonl")
+
+
+def test_a_url_imported_from_the_command_line_waits_for_review_and_a_file_does_not(
+    tmp_path: Path, web: WebServer, ingest_config: IngestConfig, ledger: sessionmaker[Session]
+) -> None:
+    from ingest.inputs import import_inputs
+
+    line = b'{"prompt": "The CEO of Acme is", "target_new": "Jane Roe"}\n'
+    web.routes["/f.jsonl"] = Route(line.replace(b"Acme", b"Initech"), content_type="application/x-ndjson")
+    local = tmp_path / "facts.jsonl"
+    local.write_bytes(line)
+    tally, all_read = import_inputs([str(local), web.url("/f.jsonl")], ingest_config, ledger)
+    assert all_read and (tally.accepted, tally.held) == (2, 1)
+    assert statuses(ledger) == [("Jane Roe", FactStatus.PENDING, None), ("Jane Roe", FactStatus.HELD, HoldReason.REVIEW)]
+    trusted = ingest_config.model_copy(update={"cli_trust": SourceTrust(policy="auto")})
+    web.routes["/g.jsonl"] = Route(line.replace(b"Acme", b"Hooli"), content_type="application/x-ndjson")
+    tally, _ = import_inputs([web.url("/g.jsonl")], trusted, ledger)
+    assert (tally.accepted, tally.held) == (1, 0)

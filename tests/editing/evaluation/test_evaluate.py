@@ -93,6 +93,35 @@ def test_sequential_metrics_are_measured_on_the_final_model(
     assert all(torch.equal(p, before[n]) for n, p in handle.model.named_parameters())
 
 
+def test_a_routed_method_leaves_prompts_without_a_mention_on_the_unedited_model(
+    engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None
+) -> None:
+    from editing.engine.key_covariance import reference_texts
+    from editing.engine.mentions import MentionSettings, build_router
+
+    handle, names = _handle(engine_tiny_lm, bpe_tokenizer)
+    facts = synthetic_examples(12, seed=3)
+    batches = [facts[0:4], facts[4:8], facts[8:12]]
+    baseline = measure_baseline(handle.model, bpe_tokenizer, batches, "zsre")
+    before = _params(handle.model)
+    # only the last block is edited, so the decision block (its input) sees context; a strict threshold: only a
+    # token whose state is a stored key's own (the same prefix up to the subject) routes on
+    edited = names[1:]
+    settings = MentionSettings(threshold=0.999, blocks_before=0)
+    router = build_router(handle.model, bpe_tokenizer, edited, reference_texts(synthetic_examples(20, seed=9)), settings)
+    assert router.config.block == "model.layers.1"
+    results = {}
+    for label, routing in (("plain", None), ("routed", router)):
+        method = PreparedMethod(get_method("ft"), _Scripted(handle.model, names[1], 3), edited, router=routing)
+        results[label] = run_stream(method, handle.model, bpe_tokenizer, batches, baseline, "zsre").final  # type: ignore[arg-type]
+    # the wiped weight reaches every prompt unrouted; routed, only the edit prompts themselves (their own keys)
+    assert results["plain"]["retention"] < 100 and results["routed"]["retention"] == 100
+    # the edit prompts route on from their subject, so their answers are exactly the edited model's
+    assert results["routed"]["efficacy"] == results["plain"]["efficacy"]
+    assert router.keys.count() == 0, "the stream's keys are removed when it ends"
+    assert all(torch.equal(p, before[n]) for n, p in handle.model.named_parameters())
+
+
 def test_curve_measures_everything_edited_so_far(engine_tiny_lm: Any, bpe_tokenizer: Any, engine_single_thread: None) -> None:
     handle, names = _handle(engine_tiny_lm, bpe_tokenizer)
     facts = synthetic_examples(12, seed=3)
