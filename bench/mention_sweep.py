@@ -204,6 +204,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {p['tau']} | {p['lr_scale']} | {p['efficacy']} | {p['generalization']} | {p['retention']} | "
             f"{p['confident_retention']} | {p['mean_kl']} | {p.get('neighbourhood_score', '-')} | {on} | {p.get('keys', '-')} |"
         )
+    if not any(p["tau"] == "off" for p in report["points"]):
+        lines += ["", "No `off` point in this file: the plot takes today's default from bench/results/route_sweep.json when "
+                  "that file measured the same stream (mode A, routing off)."]
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +232,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         same = {k: old["stream"].get(k) for k in ("offset", "batches", "seed")} == {k: report["stream"][k] for k in ("offset", "batches", "seed")}
         if same and Path(old["stream"]["data"]).name == Path(report["stream"]["data"]).name:
             answer_points = sorted((p for p in old["points"] if p["mode"] == "B"), key=lambda p: -p["tau"])
+            if not any(p["tau"] == "off" for p in points):  # today's default on the same stream, measured there
+                points = points + [{**p, "lr_scale": 1.0} for p in old["points"] if p["tau"] == "off"]
     for ax, metric, title in ((axes[0], "efficacy", "efficacy (ES)"), (axes[1], "generalization", "generalisation (GS)")):
         for index, scale in enumerate(scales):
             series = sorted((p for p in points if p["tau"] != "off" and p["lr_scale"] == scale), key=lambda p: -p["tau"])
