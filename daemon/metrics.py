@@ -33,7 +33,7 @@ from daemon.process_memory import ProcessMemoryCollector
 from daemon.publishing import PublishStats
 from daemon.rejection_codes import reason_code
 from daemon.service_state import BatchOutcome, BatchPhase, EditorState, RevertOutcome, ServiceState
-from store.models import ProbeKind
+from store.models import HoldReason, ProbeKind
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +42,7 @@ BATCH_PHASES: tuple[str, ...] = tuple(BatchPhase)
 PROBE_KINDS: tuple[str, ...] = tuple(ProbeKind)
 REVERT_OUTCOMES: tuple[str, ...] = tuple(RevertOutcome)
 QUALITY_METRICS: tuple[str, ...] = ("efficacy", "generalization", "specificity")
+REVIEW_ACTIONS: tuple[str, ...] = ("approved", "rejected")
 
 # Edit batches, probe runs and reverts last from about a second (a small batch on a GPU) to tens of
 # minutes (a large batch with bisection on a CPU); the default buckets stop at 10 s.
@@ -229,8 +230,20 @@ class Metrics:
             registry=r,
         )
         self.protected_facts = Gauge("ked_protected_facts", "Protected facts the gate checks.", registry=r)
+        self._trust_sources: tuple[str, ...] = ()
+        for action in REVIEW_ACTIONS:  # every series exists from the start, at 0, so dashboards show 0, not "no data"
+            self.reviews.labels(action)
 
     # --- trust --------------------------------------------------------------------------------
+
+    def watch_sources(self, sources: Iterable[str]) -> None:
+        """Create the per-source trust series of the configured `sources` at 0 (held, released, held by reason)."""
+        self._trust_sources = tuple(sources)
+        for source in self._trust_sources:
+            self.held_at_intake.labels(source)
+            self.facts_released.labels(source)
+            for reason in HoldReason:
+                self.facts_held.labels(source, reason.value).set(0)
 
     def set_review_queue(
         self, *, by_reason: Mapping[str, int], by_source: Mapping[str, Mapping[str, int]], oldest_age_seconds: float
@@ -240,6 +253,9 @@ class Metrics:
             self.review_queue.labels(reason).set(count)
         self.review_oldest_age.set(max(0.0, oldest_age_seconds))
         self.facts_held.clear()
+        for source in self._trust_sources:
+            for reason in HoldReason:
+                self.facts_held.labels(source, reason.value).set(0)
         for source, counts in by_source.items():
             for reason, count in counts.items():
                 self.facts_held.labels(source, reason).set(count)
@@ -257,7 +273,7 @@ class Metrics:
     def observe_review(self, action: str, count: int) -> None:
         """Count `count` held facts approved or rejected."""
         if count > 0:
-            self.reviews.labels(_bounded(action, ("approved", "rejected"), "review action")).inc(count)
+            self.reviews.labels(_bounded(action, REVIEW_ACTIONS, "review action")).inc(count)
 
     def observe_protected(self, *, facts: int, checked: int, violations: int) -> None:
         """One batch's protected-fact checks: how many protected facts there are, were checked, were violated."""

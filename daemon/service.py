@@ -53,7 +53,7 @@ from editing.gate.specificity import FrozenBase, ReferenceStore
 from editing.model.loading import LoadedModel
 from ingest.polling import Poll
 from ingest.scheduling import schedule_sources, source_health
-from ingest.trust import ProtectedFactsError
+from ingest.trust import ProtectedFactsError, source_rules
 from store import queries, trust
 from store.artefacts import ArtefactError
 from store.db import make_read_session_factory, make_session_factory, safe_url
@@ -136,6 +136,7 @@ class Service:
             ledger=LedgerView(sessions, settings.ingest, self.metrics), sessions=sessions, state=self.state
         )
         self.metrics.watch(self.state, self.view.readiness)
+        self.metrics.watch_sources(source_rules(settings.ingest))
         log.info("ledger open", url=safe_url(settings.ledger_url()))
 
     def _start_api(self) -> None:

@@ -264,3 +264,18 @@ def test_trust_review_queue_limits_and_protected_facts(fresh_metrics: Metrics) -
     assert value("ked_reviews_total", action="approved") == 5 and value("ked_reviews_total", action="other") == 1
     assert (value("ked_protected_facts"), value("ked_protected_fact_checks_total")) == (7, 7)
     assert value("ked_protected_fact_violations_total") == 1
+
+
+def test_the_trust_series_of_configured_sources_exist_at_zero_before_anything_is_held(fresh_metrics: Metrics) -> None:
+    def value(name: str, **labels: str) -> float | None:
+        return fresh_metrics.registry.get_sample_value(name, labels)
+
+    assert value("ked_reviews_total", action="approved") == 0 and value("ked_reviews_total", action="rejected") == 0
+    fresh_metrics.watch_sources(["inbox", "feed:wire"])
+    for source in ("inbox", "feed:wire"):
+        assert value("ked_facts_held_total", source=source) == 0
+        assert value("ked_facts_released_total", source=source) == 0
+        assert value("ked_source_facts_held", source=source, reason="review") == 0
+    fresh_metrics.set_review_queue(by_reason={"review": 2}, by_source={"feed:wire": {"review": 2}}, oldest_age_seconds=1.0)
+    assert value("ked_source_facts_held", source="feed:wire", reason="review") == 2
+    assert value("ked_source_facts_held", source="inbox", reason="review") == 0, "a configured source with nothing held reads 0"
