@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,21 +283,30 @@ def mention_routed(
             handle.remove()
 
 
+class _Captured(Exception):
+    """Raised by `block_inputs`' hook once it has the decision block's input: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def block_inputs(model: nn.Module, tokenizer: Any, block_name: str, prompts: Sequence[str]) -> list[torch.Tensor]:
-    """Per prompt (tokenised with special tokens, alone): the decision block's input (T, d), float32."""
+    """Per prompt (tokenised with special tokens, alone): the decision block's input (T, d), float32.
+
+    Each forward stops at the decision block (nothing after it runs), so this costs the blocks before it only.
+    """
     block = decision_block(model, block_name)
     device = next(model.parameters()).device
     seen: list[torch.Tensor] = []
 
     def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.append(_block_input(args, kwargs)[0].detach().float().cpu())
+        raise _Captured
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            model(input_ids=torch.tensor([ids], device=device))
+            with suppress(_Captured):
+                model(input_ids=torch.tensor([ids], device=device), use_cache=False)
     finally:
         handle.remove()
     return seen
