@@ -239,7 +239,11 @@ def run_condition(side: Side, prompts: Sequence[str], concurrency: int) -> dict[
     began, cpu_began = time.perf_counter(), cpu()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(request, prompts))
-    wall, cpu_s = time.perf_counter() - began, cpu() - cpu_began
+    return _summary(results, time.perf_counter() - began, cpu() - cpu_began)
+
+
+def _summary(results: Sequence[dict[str, Any]], wall: float, cpu_s: float) -> dict[str, Any]:
+    """Throughput, time to first token and the texts of one side's requests, taking `wall` and `cpu_s` seconds."""
     tokens = sum(r["tokens"] for r in results)
     return {
         "wall_s": wall,
@@ -271,23 +275,10 @@ def run_paired(sides: dict[str, Side], order: list[str], prompts: Sequence[str])
                 cpu_began = cpu()
                 result = worker.submit(request, prompt).result()
                 results[side].append(result | {"cpu_s": cpu() - cpu_began})
-    out = {}
-    for side, done in results.items():
-        seconds = sum(r["seconds"] for r in done)
-        cpu_s = sum(r["cpu_s"] for r in done)
-        tokens = sum(r["tokens"] for r in done)
-        out[side] = {
-            "wall_s": seconds,
-            "cpu_s": cpu_s,
-            "tokens": tokens,
-            "tokens_per_s": tokens / seconds if seconds else 0.0,
-            "tokens_per_cpu_s": tokens / cpu_s if cpu_s else 0.0,
-            "ttft_median_s": statistics.median(r["ttft_s"] for r in done),
-            "ttft_max_s": max(r["ttft_s"] for r in done),
-            "texts": [r["text"] for r in done],
-            "token_counts": [r["tokens"] for r in done],
-        }
-    return out
+    return {
+        side: _summary(done, sum(r["seconds"] for r in done), sum(r["cpu_s"] for r in done))
+        for side, done in results.items()
+    }
 
 
 def _median(rounds: list[dict[str, Any]], key: str) -> float:
